@@ -21,14 +21,18 @@ class ModelConfig:
     d_model: int = 64  # residual stream width
     n_heads: int = 4  # attention heads; d_model must divide evenly
     d_mlp: int = 256  # hidden width of each MLP
-    n_ctx: int = 16  # longest input sequence
-    d_vocab: int = 12  # token vocabulary size
-    init_scale: float = 1.0  # multiplies the default initialisation std (0.02)
+    n_ctx: int | None = 16  # longest input sequence; None: set by the dataset
+    d_vocab: int | None = 12  # token vocabulary size; None: set by the dataset
+    init_std: float | None = None  # weight init std; None derives 1/sqrt(d_model)
 
     def __post_init__(self):
         for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "d_vocab"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.init_std is None:
+            self.init_std = self.d_model**-0.5
+        if self.init_std <= 0:
+            raise ValueError(f"model.init_std must be > 0 or null, got {self.init_std}")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
@@ -117,7 +121,7 @@ class Transformer(nn.Module):
         self.apply(self._init)
 
     def _init(self, module: nn.Module) -> None:
-        std = 0.02 * self.cfg.init_scale
+        std = self.cfg.init_std
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:

@@ -331,12 +331,7 @@ def _combine(
         return first + 0.5 * now.curvatures * step**2
     if mode == "path":
         return 0.5 * (now.grads + nxt.grads) * step
-    # "paper": h̃ = ½ λ(X,b) <Δθ,b>² <g_{t+1}(x) − g_t(x), b> / <g_{t+1}(X) − g_t(X), b>
-    change = nxt.grads - now.grads
-    total = change.sum(0)
-    safe = torch.where(total.abs() > 0, total, torch.ones_like(total))
-    share = torch.where(total.abs() > 0, change / safe, torch.zeros_like(change))
-    return first + 0.5 * aggregate * step**2 * share
+    return first + _paper_second(now, nxt, step, aggregate)
 
 
 def decompose(
@@ -374,10 +369,30 @@ def decompose(
 
 @dataclass
 class Trajectory:
-    """POLCA over a run. polca: (n, T, m) per step; losses: (n, T+1) at every checkpoint."""
+    """POLCA over a run of T steps between T+1 checkpoints.
+
+    polca: (n, T, m) in the requested mode; first_order: (n, T, m) its first-order part;
+    losses: (n, T+1) and grads: (n, T+1, m) `<b, ∇L(x;θ_t)>` at every checkpoint.
+    In "exact" mode also exact_second and paper_second (n, T, m): the exact second-order
+    term and the paper's approximation of it (λ(X,b) = Σ_x bᵀH(x)b, free from the exact
+    per-token curvatures), so the approximation's error can be measured.
+    """
 
     polca: Tensor
+    first_order: Tensor
     losses: Tensor
+    grads: Tensor
+    exact_second: Tensor | None = None
+    paper_second: Tensor | None = None
+
+
+def _paper_second(now: StepTerms, nxt: StepTerms, step: Tensor, aggregate: Tensor) -> Tensor:
+    """h̃ = ½ λ(X,b) <Δθ,b>² <g_{t+1}(x) − g_t(x), b> / <g_{t+1}(X) − g_t(X), b> (n, m)."""
+    change = nxt.grads - now.grads
+    total = change.sum(0)
+    safe = torch.where(total.abs() > 0, total, torch.ones_like(total))
+    share = torch.where(total.abs() > 0, change / safe, torch.zeros_like(change))
+    return 0.5 * aggregate * step**2 * share
 
 
 def decompose_trajectory(
@@ -391,8 +406,8 @@ def decompose_trajectory(
 ) -> Trajectory:
     """Decompose every step between consecutive `checkpoints` (T+1 vectors, T steps).
 
-    The directional derivatives at θ_{t+1} computed for "path" and "paper" are reused as
-    θ_t's for the next step, so those modes cost no more than first order.
+    Directional derivatives at θ_{t+1} are computed once and reused as θ_t's for the
+    next step, so "path" and "paper" cost no more passes than first order.
     """
     _check_mode(second_order)
     _check_route(route)
@@ -402,27 +417,34 @@ def decompose_trajectory(
         _check_vector(f"checkpoints[{i}]", theta, like=checkpoints[0])
     _check_vectors(vectors, checkpoints[0])
     exact = second_order == "exact"
-    needs_next = second_order in ("paper", "path")
-    steps, losses = [], []
-    now = _terms(per_example_loss_fn, checkpoints[0], vectors, exact, route)
+    terms = [_terms(per_example_loss_fn, checkpoints[0], vectors, exact, route)]
+    polca, first, exact_second, paper_second = [], [], [], []
     for t in tqdm(range(len(checkpoints) - 1), desc="decompose", disable=not progress):
-        theta, theta_next = checkpoints[t], checkpoints[t + 1]
-        step = vectors.T @ (theta_next - theta)
-        nxt = _terms(per_example_loss_fn, theta_next, vectors, exact, route) if (
-            needs_next or exact or t == len(checkpoints) - 2
-        ) else None
-        aggregate = (
-            aggregate_curvature(per_example_loss_fn, theta, vectors)
-            if second_order == "paper"
-            else None
-        )
-        steps.append(_combine(second_order, now, nxt, step, aggregate))
-        losses.append(now.losses)
-        if nxt is None:
-            nxt = _terms(per_example_loss_fn, theta_next, vectors, exact, route)
-        now = nxt
-    losses.append(now.losses)
-    return Trajectory(polca=torch.stack(steps, dim=1), losses=torch.stack(losses, dim=1))
+        now = terms[-1]
+        nxt = _terms(per_example_loss_fn, checkpoints[t + 1], vectors, exact, route)
+        terms.append(nxt)
+        step = vectors.T @ (checkpoints[t + 1] - checkpoints[t])  # (m,)
+        first.append(now.grads * step)
+        if second_order == "paper":
+            aggregate = aggregate_curvature(per_example_loss_fn, checkpoints[t], vectors)
+            polca.append(first[-1] + _paper_second(now, nxt, step, aggregate))
+        elif second_order == "path":
+            polca.append(0.5 * (now.grads + nxt.grads) * step)
+        elif exact:
+            exact_second.append(0.5 * now.curvatures * step**2)
+            paper_second.append(_paper_second(now, nxt, step, now.curvatures.sum(0)))
+            polca.append(first[-1] + exact_second[-1])
+        else:
+            polca.append(first[-1])
+    stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731
+    return Trajectory(
+        polca=stack(polca),
+        first_order=stack(first),
+        losses=torch.stack([x.losses for x in terms], dim=1),
+        grads=torch.stack([x.grads for x in terms], dim=1),
+        exact_second=stack(exact_second),
+        paper_second=stack(paper_second),
+    )
 
 
 # --------------------------------------------------------------------- module adapter

@@ -214,7 +214,7 @@ def test_bad_input_raises_clear_errors():
 def tiny_transformer_loss(seed=0):
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=12, n_ctx=6,
-                                    d_vocab=5, init_scale=20.0)).double()
+                                    d_vocab=5, init_std=0.5)).double()
     tokens = torch.randint(0, 5, (4, 6))
 
     def token_loss(logits, batch):  # loss at the last 3 positions: (S, 3)
@@ -268,3 +268,19 @@ def test_reverse_route_refuses_modules_without_a_rule():
     assert loss_fn.choose_route(100) == "forward"
     with pytest.raises(ValueError, match="scale"):
         loss_fn.directional(theta, torch.eye(3), route="reverse")
+
+
+def test_trajectory_exact_mode_also_gives_the_paper_approximation():
+    """In exact mode the paper term uses λ(X,b) = Σₓ bᵀH(x)b; it must equal "paper" mode."""
+    loss_fn, theta, _, vectors = mlp_problem(seed=4)
+    g = torch.Generator().manual_seed(2)
+    checkpoints = [theta + 0.05 * i * torch.randn(theta.shape, generator=g) for i in range(3)]
+    exact = decompose_trajectory(loss_fn, checkpoints, vectors, "exact", progress=False)
+    for t in range(2):
+        paper = brute_force(loss_fn, checkpoints[t], checkpoints[t + 1], vectors, "paper")
+        first = brute_force(loss_fn, checkpoints[t], checkpoints[t + 1], vectors, "none")
+        torch.testing.assert_close(exact.first_order[:, t], first)
+        torch.testing.assert_close(exact.paper_second[:, t], paper - first, rtol=1e-8, atol=1e-12)
+    # grads at each checkpoint are <b, ∇L(x;θ_t)>
+    jac = torch.autograd.functional.jacobian(loss_fn, checkpoints[2])
+    torch.testing.assert_close(exact.grads[:, 2], jac @ vectors)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 PLUS, EQUALS = 10, 11
 VOCAB_SIZE = 12
@@ -70,6 +71,24 @@ def encode(a: np.ndarray, b: np.ndarray) -> Split:
         targets=torch.as_tensor(seq[:, 8:], dtype=torch.long),
         labels=labels,
     )
+
+
+def token_loss(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """Cross-entropy of the 4 sum digits: logits (S, T, V) -> (S, 4)."""
+    out = logits[:, list(OUTPUT_POSITIONS)]  # (S, 4, V)
+    return F.cross_entropy(out.transpose(1, 2), batch["targets"], reduction="none")
+
+
+def evaluate(model: torch.nn.Module, split: Split) -> dict[str, list]:
+    """Loss and accuracy per place, for carry and no-carry tokens apart (learning curves)."""
+    logits = model(split.inputs.to(next(model.parameters()).device)).cpu()
+    losses = token_loss(logits, split.batch()).reshape(-1).numpy()
+    correct = (logits[:, list(OUTPUT_POSITIONS)].argmax(-1) == split.targets).reshape(-1).numpy()
+    frame = split.labels.assign(loss=losses, correct=correct)
+    out = frame.groupby(["place", "carry"], observed=True).agg(
+        loss=("loss", "mean"), accuracy=("correct", "mean"), tokens=("loss", "size")
+    ).reset_index()
+    return {c: out[c].tolist() for c in out.columns}
 
 
 def any_carry(pairs: np.ndarray) -> np.ndarray:

@@ -1,0 +1,96 @@
+"""Content-addressed cache for the expensive stages (train, basis, decompose).
+
+A stage's result lives in `<root>/<stage>/<key>/`, the key a hash of exactly the
+config that determines it (plus the keys of the stages it reads). Writes go to a
+temporary directory renamed into place, so a killed run leaves nothing half-written;
+a SHA-256 of the payload is checked on every load, and a corrupt entry is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+# Bump when a stage's computation changes, so old entries are not reused.
+CODE_VERSION = {"train": 1, "basis": 1, "decompose": 1, "trajectories": 1}
+
+
+def stage_key(stage: str, spec: dict) -> str:
+    blob = json.dumps({"stage": stage, "version": CODE_VERSION.get(stage, 0), "spec": spec},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class StageCache:
+    def __init__(self, root: str | os.PathLike, force: set[str] | None = None):
+        self.root = Path(root)
+        self.force = set(force or ())
+        self.hits: dict[str, bool] = {}
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def load(self, stage: str, key: str) -> dict[str, Any] | None:
+        where = self.path(stage, key)
+        meta_file = where / "meta.json"
+        if not meta_file.exists():
+            return None
+        meta = json.loads(meta_file.read_text())
+        payload = where / "payload.pt"
+        if not payload.exists() or _sha256(payload) != meta["sha256"]:
+            log.warning("cache entry %s/%s failed its integrity check; recomputing", stage, key)
+            return None
+        return torch.load(payload, weights_only=False)
+
+    def save(self, stage: str, key: str, spec: dict, result: dict[str, Any]) -> None:
+        final = self.path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+        try:
+            torch.save(result, tmp / "payload.pt")
+            meta = {"stage": stage, "key": key, "spec": spec, "sha256": _sha256(tmp / "payload.pt"),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+            if final.exists():  # forced or corrupt: move the old entry aside first
+                stale = final.with_name(f".stale-{key}-{os.getpid()}")
+                os.replace(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another job finished the same stage first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def get_or_compute(
+        self, stage: str, spec: dict, compute: Callable[[], dict[str, Any]]
+    ) -> tuple[dict[str, Any], str]:
+        """The cached result of `stage` for `spec`, computing and storing it on a miss."""
+        key = stage_key(stage, spec)
+        forced = stage in self.force or "all" in self.force
+        result = None if forced else self.load(stage, key)
+        self.hits[stage] = result is not None
+        if result is None:
+            result = compute()
+            self.save(stage, key, spec, result)
+        return result, key

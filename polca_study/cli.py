@@ -1,0 +1,50 @@
+"""The `polca-study` command: a thin Hydra entry point around `pipeline.run`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from polca_study.config import register
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+OBJECTIVE = "carry_recovery"
+log = logging.getLogger("polca_study")
+
+register()
+
+
+def job_info() -> dict:
+    """W&B grouping from the Hydra job: a multirun's jobs share a group (its sweep
+    directory) and carry their overrides as name and tags."""
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    multirun = hc.mode == RunMode.MULTIRUN
+    return {
+        "group": Path(hc.sweep.dir).as_posix().replace("/", "_") if multirun else None,
+        "name": ",".join(overrides) or "default",
+        "tags": ["multirun" if multirun else "run"],
+        "run_dir": hc.runtime.output_dir,
+    }
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float:
+    from polca_study.pipeline import run
+
+    info = job_info()
+    metrics = run(cfg, info.pop("run_dir"), info)
+    value = metrics.get(OBJECTIVE)
+    if value is None or not math.isfinite(value):
+        raise RuntimeError(f"the run produced no finite {OBJECTIVE}: {value!r}")
+    return float(value)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Config schemas, registered in Hydra's ConfigStore.
+
+The YAML files in `conf/` fill these dataclasses; a misspelt key or a wrong type fails
+when Hydra composes the config, and `validate` checks values (every field is named in
+its error with what is allowed) before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from polca_study.model import ModelConfig
+from polca_study.train import TrainConfig
+
+METHODS = ("loss", "loss_change", "fisher", "lca", "polca_first_order", "polca")
+BASIS_KINDS = ("hessian", "random", "shuffled")
+SECOND_ORDER = ("none", "exact", "paper", "path")
+ROUTES = ("auto", "forward", "reverse")
+NORMALIZE = ("none", "zscore", "final")
+FEATURES = ("cumulative", "increments", "window")
+GROUPING = ("none", "place", "subtract_place")
+SELECTION = ("eom", "leaf")
+METRICS = ("euclidean", "manhattan", "chebyshev", "cosine")
+LOGGER_MODES = ("auto", "offline", "online", "disabled")
+STAGES = ("train", "basis", "decompose")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "arithmetic"
+    eval_size: int = 1250  # evaluation examples (4 output tokens each)
+    hessian_size: int = 1250  # training examples in the Hessian sample
+    carry_rate: float | None = None  # share of carrying training sums; None: uniform
+    seed: int = 0
+
+
+@dataclass
+class BasisConfig:
+    kind: str = "hessian"  # hessian | random | shuffled (checkpoints in shuffled order)
+    k: int = 1  # eigenvectors per basis checkpoint
+    interval: int = 150  # steps between basis checkpoints
+    tol: float = 1e-3  # Lanczos relative eigenvalue tolerance
+    maxiter: int | None = None  # Lanczos restarts cap; None: scipy's default
+    seed: int = 0
+    drop_rising: bool = True  # drop vectors whose mean projected loss rises
+
+
+@dataclass
+class PolcaConfig:
+    interval: int = 50  # steps between evaluation points
+    second_order: str = "exact"  # none | exact | paper | path
+    route: str = "auto"  # first-order route: auto | forward | reverse
+
+
+@dataclass
+class ClusterConfig:
+    min_cluster_size: int = 50
+    min_samples: float = 10  # a count (>= 1) or a fraction of the clustered tokens (< 1)
+    selection_method: str = "eom"  # eom | leaf
+    metric: str = "euclidean"
+    normalize: str = "zscore"  # none | zscore (per token) | final (divide by final value)
+    feature: str = "increments"  # cumulative | increments | window
+    window: list[int] = field(default_factory=lambda: [0, -1])  # step range for "window"
+    grouping: str = "place"  # none | place (cluster each digit place) | subtract_place
+    filter_rising: bool = True  # the paper's filter: drop tokens whose decomposed loss rises
+
+
+@dataclass
+class MethodConfig:
+    name: str = "polca"
+
+
+@dataclass
+class ScoreConfig:
+    homogeneity_threshold: float = 0.85  # share of a cluster's carries in the 10s/100s
+    permutations: int = 100  # draws of the permutation null
+    breakthrough_delta: int = 100  # Δ in steps for the maximum-acceleration time
+    hidden_after: int = 1000  # τ: a breakthrough later than this is hidden
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "auto"  # auto: online with an API key, else offline | offline | online | disabled
+    project: str = "polca-study"
+    entity: str | None = None
+    group: str | None = None  # None: derived from the sweep directory
+    tags: list[str] = field(default_factory=list)
+    log_artifacts: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    basis: BasisConfig = field(default_factory=BasisConfig)
+    polca: PolcaConfig = field(default_factory=PolcaConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    num_threads: int | None = None  # torch CPU threads; None: torch's default
+    cache_dir: str = "${oc.env:POLCA_CACHE_DIR,.cache/polca_study}"
+    force: list[str] = field(default_factory=list)  # stages to recompute
+    progress: bool = True
+    figures: bool = True
+    sweep: Any = None  # Optuna study settings, filled by `+sweep=<name>`
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+def _choice(path: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{path} must be one of {list(allowed)}, got {value!r}")
+
+
+def _at_least(path: str, value: float, low: float) -> None:
+    if value is None or value < low:
+        raise ValueError(f"{path} must be >= {low}, got {value!r}")
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Check every value a run depends on; return the typed config. Raises ValueError."""
+    obj: Config = OmegaConf.to_object(cfg)  # runs ModelConfig.__post_init__ checks
+    _choice("dataset.name", obj.dataset.name, ("arithmetic",))
+    _at_least("dataset.eval_size", obj.dataset.eval_size, 1)
+    _at_least("dataset.hessian_size", obj.dataset.hessian_size, 1)
+    if obj.dataset.carry_rate is not None and not 0 <= obj.dataset.carry_rate <= 1:
+        raise ValueError(f"dataset.carry_rate must be in [0, 1] or null, got {obj.dataset.carry_rate}")
+    t = obj.train
+    for name in ("steps", "batch_size", "checkpoint_every"):
+        _at_least(f"train.{name}", getattr(t, name), 1)
+    _at_least("train.warmup_steps", t.warmup_steps, 0)
+    if not t.lr > 0:
+        raise ValueError(f"train.lr must be > 0, got {t.lr}")
+    _choice("basis.kind", obj.basis.kind, BASIS_KINDS)
+    _at_least("basis.k", obj.basis.k, 1)
+    for path, interval in (("basis.interval", obj.basis.interval),
+                           ("polca.interval", obj.polca.interval)):
+        _at_least(path, interval, 1)
+        if interval % t.checkpoint_every:
+            raise ValueError(
+                f"{path}={interval} must be a multiple of train.checkpoint_every={t.checkpoint_every}"
+            )
+        if interval > t.steps:
+            raise ValueError(f"{path}={interval} must not exceed train.steps={t.steps}")
+    _choice("polca.second_order", obj.polca.second_order, SECOND_ORDER)
+    _choice("polca.route", obj.polca.route, ROUTES)
+    c = obj.cluster
+    _at_least("cluster.min_cluster_size", c.min_cluster_size, 2)
+    if not c.min_samples > 0:
+        raise ValueError(
+            f"cluster.min_samples must be a count >= 1 or a fraction in (0, 1), got {c.min_samples}"
+        )
+    _choice("cluster.selection_method", c.selection_method, SELECTION)
+    _choice("cluster.metric", c.metric, METRICS)
+    _choice("cluster.normalize", c.normalize, NORMALIZE)
+    _choice("cluster.feature", c.feature, FEATURES)
+    _choice("cluster.grouping", c.grouping, GROUPING)
+    if len(c.window) != 2:
+        raise ValueError(f"cluster.window must be [start, stop] evaluation indices, got {c.window}")
+    _choice("method.name", obj.method.name, METHODS)
+    if not 0.5 <= obj.score.homogeneity_threshold <= 1:
+        raise ValueError("score.homogeneity_threshold must be in [0.5, 1]")
+    _at_least("score.permutations", obj.score.permutations, 0)
+    _at_least("score.breakthrough_delta", obj.score.breakthrough_delta, 1)
+    _choice("logger.mode", obj.logger.mode, LOGGER_MODES)
+    for stage in obj.force:
+        _choice("force[]", stage, STAGES + ("all",))
+    if obj.num_threads is not None:
+        _at_least("num_threads", obj.num_threads, 1)
+    return obj

@@ -1,0 +1,354 @@
+"""The study: train → basis → decompose → cluster → score → report.
+
+`run(cfg)` is a plain function; the Hydra entry point only calls it. Expensive stages
+are cached by the config that determines them (see `cache.py`), so a clustering-only
+change never retrains or re-decomposes, and a killed run resumes at its last finished
+stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from polca_study import tracking
+from polca_study.cache import StageCache
+from polca_study.cluster import ClusterSettings, cluster_all
+from polca_study.config import Config, validate
+from polca_study.data.arithmetic import ArithmeticData, evaluate, token_loss
+from polca_study.methods import method_curves, rising_vectors
+from polca_study.model import ModelConfig, Transformer
+from polca_study.polca import ModuleLoss, build_basis, decompose_trajectory
+from polca_study.score import (
+    ami_and_coverage,
+    carry_recovery,
+    cluster_breakthroughs,
+    cluster_table,
+    permutation_null,
+    top_homogeneity,
+)
+from polca_study.train import train
+
+log = logging.getLogger("polca_study")
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def stage(name: str, timings: dict):
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    timings[name] = seconds
+    log.info("[%s] %.1f s, peak memory %.0f MB", name, seconds, peak_memory_mb())
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write through a temporary file renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def model_config(cfg: Config) -> ModelConfig:
+    m = cfg.model
+    return replace(m, n_ctx=m.n_ctx or 11, d_vocab=m.d_vocab or 12)
+
+
+def make_model(cfg: Config) -> Transformer:
+    torch.manual_seed(cfg.seed)
+    return Transformer(model_config(cfg))
+
+
+# ------------------------------------------------------------------------- stages
+
+
+def stage_train(cfg: Config, data: ArithmeticData, cache: StageCache, tracker, device, progress):
+    spec = {"model": asdict(model_config(cfg)), "dataset": asdict(cfg.dataset),
+            "train": asdict(cfg.train), "seed": cfg.seed}
+    eval_split = data.eval_split()
+
+    def compute():
+        model = make_model(cfg)
+        if device.type == "cuda":
+            torch.backends.cudnn.deterministic = True
+        result = train(model, data.train_batches(cfg.train.batch_size, cfg.seed), cfg.train,
+                       token_loss, lambda m: evaluate(m, eval_split), device=device,
+                       progress=progress)
+        return {"steps": result.steps, "snapshots": result.snapshots,
+                "history": result.history, "seconds": result.seconds}
+
+    return cache.get_or_compute("train", spec, compute)
+
+
+def snapshots_at(trained: dict, every: int, steps: int) -> tuple[np.ndarray, list[torch.Tensor]]:
+    wanted = np.arange(0, steps + 1, every)
+    index = {int(s): i for i, s in enumerate(trained["steps"])}
+    return wanted, [trained["snapshots"][index[int(s)]] for s in wanted]
+
+
+def stage_basis(cfg: Config, data: ArithmeticData, trained: dict, train_key: str,
+                cache: StageCache, device, progress):
+    b = cfg.basis
+    spec = {"train": train_key, "kind": b.kind, "k": b.k, "interval": b.interval,
+            "tol": b.tol, "maxiter": b.maxiter, "seed": b.seed}
+
+    def compute():
+        steps, thetas = snapshots_at(trained, b.interval, cfg.train.steps - 1)
+        d = thetas[0].numel()
+        m = len(thetas) * b.k
+        if b.kind == "random":
+            g = torch.Generator().manual_seed(b.seed)
+            vectors, _ = torch.linalg.qr(torch.randn(d, m, generator=g))
+            return {"vectors": vectors, "eigenvalues": torch.full((m,), float("nan")),
+                    "residuals": torch.full((m,), float("nan")), "hvps": 0,
+                    "checkpoint_steps": np.repeat(steps, b.k)}
+        order = np.arange(len(thetas))
+        if b.kind == "shuffled":
+            order = np.random.default_rng(b.seed).permutation(len(thetas))
+        model = make_model(cfg).to(device)
+        hessian = data.hessian_split()
+        batch = {k: v.to(device) for k, v in hessian.batch().items()}
+        loss = ModuleLoss(model, batch, token_loss)
+        basis = build_basis(lambda th: loss(th).sum(), [thetas[i].to(device) for i in order],
+                            b.k, tol=b.tol, maxiter=b.maxiter, seed=b.seed, progress=progress)
+        return {"vectors": basis.vectors.cpu(), "eigenvalues": basis.eigenvalues.cpu(),
+                "residuals": basis.residuals.cpu(), "hvps": basis.hvps,
+                "checkpoint_steps": np.repeat(steps[order], b.k)}
+
+    return cache.get_or_compute("basis", spec, compute)
+
+
+def stage_decompose(cfg: Config, data: ArithmeticData, trained: dict, vectors: torch.Tensor,
+                    parent_key: str, name: str, second_order: str, cache: StageCache, device,
+                    progress):
+    """POLCA of every evaluation token along `vectors` between evaluation points."""
+    spec = {"parent": parent_key, "interval": cfg.polca.interval, "second_order": second_order,
+            "route": cfg.polca.route}
+
+    def compute():
+        steps, thetas = snapshots_at(trained, cfg.polca.interval, cfg.train.steps)
+        model = make_model(cfg).to(device)
+        batch = {k: v.to(device) for k, v in data.eval_split().batch().items()}
+        loss = ModuleLoss(model, batch, token_loss)
+        traj = decompose_trajectory(loss, [t.to(device) for t in thetas], vectors.to(device),
+                                    second_order, route=cfg.polca.route, progress=progress)
+        out = {k: (v.cpu().numpy() if v is not None else None) for k, v in vars(traj).items()}
+        return {**out, "steps": steps}
+
+    return cache.get_or_compute(name, spec, compute)
+
+
+def lca_parameters(trained: dict, count: int = 50) -> np.ndarray:
+    """LCA's parameters: the `count` largest in magnitude at the end of training."""
+    return np.argsort(-trained["snapshots"][-1].abs().numpy())[:count]
+
+
+# ---------------------------------------------------------------------- analysis
+
+
+def analyse(cfg: Config, method: str, traj: dict, labels: pd.DataFrame, lca: dict | None):
+    """Cluster one method's curves and score them. Returns (metrics, tables, curves)."""
+    curves = method_curves(method, traj, lca)
+    dropped: list[int] = []
+    keep = np.arange(curves.curves.shape[2])
+    if cfg.basis.drop_rising and method in ("polca", "polca_first_order", "fisher"):
+        dropped = rising_vectors(traj).tolist()
+        keep = np.setdiff1d(keep, dropped)
+        if dropped:
+            log.info("dropped %d basis vectors whose mean projected loss rises: %s",
+                     len(dropped), dropped)
+    settings = ClusterSettings(**{**asdict(cfg.cluster), "window": tuple(cfg.cluster.window)})
+    groups = labels["place"].astype(str).to_numpy()
+    assign = cluster_all(curves.curves[:, :, keep], groups, settings, curves.rises[:, keep])
+    table = cluster_table(assign, labels, cfg.score.homogeneity_threshold)
+    table["vector"] = keep[table["vector"].to_numpy()] if len(table) else table["vector"]
+    s = cfg.score
+    breakthroughs = cluster_breakthroughs(assign, curves.curves[:, :, keep], curves.steps,
+                                          s.breakthrough_delta, s.hidden_after)
+    if len(breakthroughs):
+        breakthroughs["vector"] = keep[breakthroughs["vector"].to_numpy()]
+    table = table.merge(breakthroughs, on=["vector", "cluster"], how="left")
+    metrics: dict = {
+        "method": method,
+        "vectors": int(curves.curves.shape[2]),
+        "vectors_dropped": dropped,
+        "clusters": int(len(table)),
+        "carry_recovery": carry_recovery(table),
+        "top_carry": top_homogeneity(table, "carry"),
+        "top_place": top_homogeneity(table, "place"),
+        "top_value": top_homogeneity(table, "value"),
+        "hidden_breakthrough_fraction": float(table["hidden"].mean()) if len(table) else 0.0,
+    }
+    metrics.update(ami_and_coverage(assign, labels))
+    metrics.update({f"null_{k}": v for k, v in permutation_null(
+        assign, labels, s.permutations, s.homogeneity_threshold, cfg.seed).items()})
+    for i, row in enumerate(metrics["top_carry"][:3]):
+        for key in ("carry_homogeneity", "recall", "f1"):
+            metrics[f"carry_top{i + 1}_{key}"] = float(row[key])
+    full = np.zeros((len(labels), curves.curves.shape[2]), dtype=int) - 2
+    full[:, keep] = assign
+    return metrics, table, full, curves
+
+
+def approximation_error(traj: dict) -> dict[str, float]:
+    """RMSE and relative error of the paper's second-order term against the exact one."""
+    if traj.get("exact_second") is None or traj.get("paper_second") is None:
+        return {}
+    exact, paper = traj["exact_second"], traj["paper_second"]
+    rmse = float(np.sqrt(np.mean((paper - exact) ** 2)))
+    scale = float(np.sqrt(np.mean(exact**2)))
+    return {"paper_second_order_rmse": rmse,
+            "paper_second_order_relative_error": rmse / scale if scale > 0 else float("nan")}
+
+
+def trajectories_frame(traj: dict, labels: pd.DataFrame, first: str = "polca") -> pd.DataFrame:
+    """Long table: one row per (token, evaluation interval) with labels, loss, loss
+    change and POLCA per basis vector."""
+    n, T, m = traj[first].shape
+    steps = traj["steps"]
+    frame = labels.loc[np.repeat(np.arange(n), T)].reset_index(names="token")
+    frame["step"] = np.tile(steps[1:], n)
+    frame["loss"] = traj["losses"][:, 1:].reshape(-1)
+    frame["loss_change"] = np.diff(traj["losses"], axis=1).reshape(-1)
+    polca = traj[first].reshape(n * T, m)
+    return pd.concat([frame, pd.DataFrame(polca, columns=[f"polca_{j}" for j in range(m)])], axis=1)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(cfg: DictConfig, run_dir: str | os.PathLike = ".", job: dict | None = None) -> dict:
+    """Run one study; returns the metrics written to `summary.json`."""
+    settings = validate(cfg)  # fails before any work
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = job or {}
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    device = resolve_device(settings.device)
+    cache = StageCache(settings.cache_dir, set(settings.force))
+    tracker = tracking.start(
+        settings.logger, OmegaConf.to_container(cfg, resolve=True), run_dir,
+        group=job.get("group"), job_type=job.get("job_type", settings.method.name),
+        name=job.get("name"), tags=job.get("tags", []),
+    )
+    failed = True
+    try:
+        metrics = _run(settings, cfg, run_dir, cache, tracker, device)
+        failed = False
+        return metrics
+    finally:
+        tracker.finish(failed=failed)
+
+
+def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker, device) -> dict:
+    timings: dict[str, float] = {}
+    progress = cfg.progress
+    write_atomic(run_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(raw, resolve=True)))
+    data = ArithmeticData(cfg.dataset.eval_size, cfg.dataset.hessian_size, cfg.dataset.carry_rate,
+                          cfg.dataset.seed)
+    labels = data.eval_split().labels
+
+    with stage("train", timings):
+        trained, train_key = stage_train(cfg, data, cache, tracker, device, progress)
+    _log_history(tracker, trained["history"])
+    with stage("basis", timings):
+        basis, basis_key = stage_basis(cfg, data, trained, train_key, cache, device, progress)
+    with stage("decompose", timings):
+        traj, _ = stage_decompose(cfg, data, trained, basis["vectors"], basis_key, "decompose",
+                                  cfg.polca.second_order, cache, device, progress)
+        lca = None
+        if cfg.method.name == "lca":
+            params = lca_parameters(trained)
+            unit = torch.zeros(trained["snapshots"].shape[1], len(params))
+            unit[params, torch.arange(len(params))] = 1.0
+            lca, _ = stage_decompose(cfg, data, trained, unit, f"{train_key}/lca", "trajectories",
+                                     "none", cache, device, progress)
+            lca = {**lca, "parameters": params}
+    with stage("cluster+score", timings):
+        metrics, table, assign, curves = analyse(cfg, cfg.method.name, traj, labels, lca)
+    metrics.update(approximation_error(traj))
+    final_acc = trained["history"][trained["history"].step == trained["history"].step.max()]
+    metrics.update({
+        "final_accuracy": float(np.average(final_acc.accuracy, weights=final_acc.tokens)),
+        "basis_residual_max": float(np.nanmax(basis["residuals"].numpy()))
+        if basis["hvps"] else float("nan"),
+        "basis_hvps": int(basis["hvps"]),
+        "cache_hits": dict(cache.hits),
+        "seconds": {**timings, "train_compute": float(trained["seconds"])},
+        "peak_memory_mb": peak_memory_mb(),
+    })
+    with stage("report", timings):
+        from polca_study import report
+
+        write_atomic(run_dir / "summary.json",
+                     lambda p: p.write_text(json.dumps(metrics, indent=2, default=_jsonable)))
+        write_atomic(run_dir / "clusters.csv", lambda p: table.to_csv(p, index=False))
+        frame = trajectories_frame(traj, labels)
+        write_atomic(run_dir / "trajectories.parquet", lambda p: frame.to_parquet(p, index=False))
+        np.save(run_dir / "assignments.npy", assign)
+        figures = report.figures(run_dir, trained["history"], curves, assign, labels, table) \
+            if cfg.figures else {}
+        tracker.summary(_flat_summary(metrics))
+        tracker.images(figures)
+        tracker.table("clusters", table)
+        if cfg.logger.log_artifacts:
+            tracker.artifact(f"trajectories-{cfg.method.name}", "trajectories",
+                             [run_dir / "trajectories.parquet", run_dir / "clusters.csv"])
+    log.info("carry_recovery %.3f, top carry homogeneity %s, coverage %.2f",
+             metrics["carry_recovery"],
+             [round(r["carry_homogeneity"], 3) for r in metrics["top_carry"]], metrics["coverage"])
+    return metrics
+
+
+def _log_history(tracker, history: pd.DataFrame) -> None:
+    """Evaluation loss and accuracy curves, overall and per place and carry."""
+    if not tracker.active:
+        return
+    for step, rows in history.groupby("step"):
+        w = rows.tokens
+        data = {"eval/loss": float(np.average(rows.loss, weights=w)),
+                "eval/accuracy": float(np.average(rows.accuracy, weights=w))}
+        for r in rows.itertuples():
+            tag = f"{r.place}_{'carry' if r.carry else 'nocarry'}"
+            data[f"eval_loss/{tag}"] = r.loss
+            data[f"eval_accuracy/{tag}"] = r.accuracy
+        tracker.log(data, step=int(step))
+
+
+def _flat_summary(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)

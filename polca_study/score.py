@@ -1,0 +1,172 @@
+"""Skill metrics of clusterings: homogeneity, recall/F1, AMI, coverage, carry recovery,
+a permutation null, and breakthrough times.
+
+Assignments are (n, m) integer arrays, one column a clustering (a basis vector, or the
+single clustering of a non-basis method); -1 outliers and -2 filtered tokens count in
+no cluster.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import adjusted_mutual_info_score
+
+ELIGIBLE_PLACES = ("10s", "100s")
+
+
+def cluster_table(assign: np.ndarray, labels: pd.DataFrame, threshold: float = 0.85) -> pd.DataFrame:
+    """One row per cluster: size, the fraction of each skill, and the carry scores.
+
+    - carry_homogeneity: share of the cluster's tokens that carry.
+    - eligible: over `threshold` of the cluster's carry tokens sit in the 10s or 100s
+      place (the paper's rule: carrying into the 1000s is just a leading 0 or 1).
+    - recall, f1: of the cluster against the 10s/100s carry tokens clustered for that
+      vector (outliers and filtered tokens excluded, as in the paper).
+    - mcc: Matthews correlation of membership with carry over every 10s/100s evaluation
+      token, clustered or not (the basis of `carry_recovery`).
+    """
+    place = labels["place"].astype(str).to_numpy()
+    carry = labels["carry"].to_numpy(bool)
+    value = labels["value"].to_numpy()
+    eligible_place = np.isin(place, ELIGIBLE_PLACES)
+    target = carry & eligible_place
+    rows = []
+    for j in range(assign.shape[1]):
+        a = assign[:, j]
+        clustered = a >= 0
+        target_clustered = (target & clustered).sum()
+        for c in np.unique(a[clustered]):
+            member = a == c
+            size = member.sum()
+            n_carry = (carry & member).sum()
+            hits = (target & member).sum()
+            precision = hits / size
+            recall = hits / target_clustered if target_clustered else 0.0
+            rows.append({
+                "vector": j, "cluster": int(c), "size": int(size),
+                "carry_homogeneity": n_carry / size,
+                "eligible": bool(n_carry and (carry & member & eligible_place).sum() / n_carry > threshold),
+                "recall": recall,
+                "f1": 2 * precision * recall / (precision + recall) if hits else 0.0,
+                "mcc": _mcc(member[eligible_place], carry[eligible_place]),
+                "place": pd.Series(place[member]).mode()[0],
+                "place_homogeneity": pd.Series(place[member]).value_counts(normalize=True).iloc[0],
+                "value": int(pd.Series(value[member]).mode()[0]),
+                "value_homogeneity": pd.Series(value[member]).value_counts(normalize=True).iloc[0],
+            })
+    return pd.DataFrame(rows, columns=[
+        "vector", "cluster", "size", "carry_homogeneity", "eligible", "recall", "f1", "mcc",
+        "place", "place_homogeneity", "value", "value_homogeneity"])
+
+
+def _mcc(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Matthews correlation of two boolean vectors (0 when either is constant)."""
+    tp = float((pred & truth).sum())
+    fp = float((pred & ~truth).sum())
+    fn = float((~pred & truth).sum())
+    tn = float((~pred & ~truth).sum())
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denom if denom > 0 else 0.0
+
+
+def top_homogeneity(table: pd.DataFrame, skill: str, k: int = 3) -> list[dict]:
+    """The k vectors with the most homogeneous cluster for `skill`, one entry each.
+
+    For carry only eligible clusters count; for place and value, every cluster.
+    """
+    col = f"{skill}_homogeneity"
+    pool = table[table["eligible"]] if skill == "carry" else table
+    if pool.empty:
+        return []
+    best = pool.sort_values([col, "size"], ascending=False).groupby("vector").head(1)
+    keep = ["vector", "cluster", "size", col, "recall", "f1", "mcc"]
+    return best.head(k)[keep].to_dict("records")
+
+
+def carry_recovery(table: pd.DataFrame) -> float:
+    """The search objective: the best Matthews correlation between membership of one
+    eligible cluster and carry, over all 10s/100s evaluation tokens.
+
+    It is 0 for clusters unrelated to carry (and for a cluster holding a whole place),
+    small for a tiny pure cluster (it misses most carries) and for clusterings that drop
+    most tokens (dropped tokens count as misses), and 1 only for a cluster that is
+    exactly the 10s/100s carry tokens.
+    """
+    pool = table[table["eligible"]]
+    return float(max(pool["mcc"].max(), 0.0)) if len(pool) else 0.0
+
+
+def permutation_null(
+    assign: np.ndarray, labels: pd.DataFrame, draws: int, threshold: float, seed: int = 0
+) -> dict[str, float]:
+    """Null of the top carry homogeneity and of carry_recovery: carry labels shuffled
+    within each digit place, clusters kept. Returns observed values, the null's 95th
+    percentile and p-values ((1 + #null ≥ observed) / (1 + draws))."""
+    rng = np.random.default_rng(seed)
+    place = labels["place"].astype(str).to_numpy()
+
+    def stats(lab: pd.DataFrame) -> tuple[float, float]:
+        t = cluster_table(assign, lab, threshold)
+        top = t.loc[t["eligible"], "carry_homogeneity"].max() if len(t) else np.nan
+        return (0.0 if np.isnan(top) else float(top)), carry_recovery(t)
+
+    observed = stats(labels)
+    null = []
+    for _ in range(draws):
+        shuffled = labels["carry"].to_numpy().copy()
+        for p in np.unique(place):
+            idx = np.flatnonzero(place == p)
+            shuffled[idx] = shuffled[rng.permutation(idx)]
+        null.append(stats(labels.assign(carry=shuffled)))
+    null = np.asarray(null) if draws else np.zeros((0, 2))
+    out = {}
+    for i, name in enumerate(("top_carry_homogeneity", "carry_recovery")):
+        out[name] = observed[i]
+        if draws:
+            out[f"{name}_null95"] = float(np.percentile(null[:, i], 95))
+            out[f"{name}_pvalue"] = float((1 + (null[:, i] >= observed[i]).sum()) / (1 + draws))
+    return out
+
+
+def ami_and_coverage(assign: np.ndarray, labels: pd.DataFrame) -> dict[str, float]:
+    """Adjusted mutual information of clusters with each skill over clustered tokens,
+    averaged over vectors, and coverage (share of tokens neither filtered nor outliers)."""
+    out = {"coverage": float((assign >= 0).mean())}
+    for skill in ("carry", "place", "value"):
+        y = labels[skill].astype(str).to_numpy()
+        scores = []
+        for j in range(assign.shape[1]):
+            sel = assign[:, j] >= 0
+            scores.append(adjusted_mutual_info_score(y[sel], assign[sel, j]) if sel.sum() > 1 else 0.0)
+        out[f"ami_{skill}"] = float(np.mean(scores)) if scores else 0.0
+    return out
+
+
+def breakthrough_time(curve: np.ndarray, steps: np.ndarray, delta: int) -> int:
+    """Step of maximum acceleration of the loss *reduction* r = −f of a loss-like curve f:
+    argmax_t [r(t+Δ) − r(t)] − [r(t) − r(t−Δ)], Δ in evaluation points, so the time marks
+    the onset of the sharpest drop."""
+    r = -np.asarray(curve, dtype=np.float64)
+    T = len(r)
+    if T < 2 * delta + 1:
+        return int(steps[T // 2])
+    t = np.arange(delta, T - delta)
+    accel = (r[t + delta] - r[t]) - (r[t] - r[t - delta])
+    return int(steps[t[np.argmax(accel)]])
+
+
+def cluster_breakthroughs(
+    assign: np.ndarray, curves: np.ndarray, steps: np.ndarray, delta_steps: int, hidden_after: int
+) -> pd.DataFrame:
+    """Breakthrough time of each cluster's median curve; hidden when later than τ."""
+    interval = int(steps[1] - steps[0]) if len(steps) > 1 else 1
+    delta = max(1, round(delta_steps / interval))
+    rows = []
+    for j in range(assign.shape[1]):
+        for c in np.unique(assign[assign[:, j] >= 0, j]):
+            median = np.median(curves[assign[:, j] == c, :, j], axis=0)
+            t = breakthrough_time(median, steps, delta)
+            rows.append({"vector": j, "cluster": int(c), "breakthrough_step": t,
+                         "hidden": t > hidden_after})
+    return pd.DataFrame(rows, columns=["vector", "cluster", "breakthrough_step", "hidden"])
