@@ -207,7 +207,7 @@ def analyse(cfg: Config, method: str, traj: dict, labels: pd.DataFrame, lca: dic
     metrics.update({f"null_{k}": v for k, v in permutation_null(
         assign, labels, s.permutations, s.homogeneity_threshold, cfg.seed).items()})
     for i, row in enumerate(metrics["top_carry"][:3]):
-        for key in ("carry_homogeneity", "recall", "f1"):
+        for key in ("carry_homogeneity", "carry_recall", "carry_f1"):
             metrics[f"carry_top{i + 1}_{key}"] = float(row[key])
     full = np.zeros((len(labels), curves.curves.shape[2]), dtype=int) - 2
     full[:, keep] = assign

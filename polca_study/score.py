@@ -21,10 +21,12 @@ def cluster_table(assign: np.ndarray, labels: pd.DataFrame, threshold: float = 0
     - carry_homogeneity: share of the cluster's tokens that carry.
     - eligible: over `threshold` of the cluster's carry tokens sit in the 10s or 100s
       place (the paper's rule: carrying into the 1000s is just a leading 0 or 1).
-    - recall, f1: of the cluster against the 10s/100s carry tokens clustered for that
-      vector (outliers and filtered tokens excluded, as in the paper).
+    - carry_recall, carry_f1: of the cluster against the 10s/100s carry tokens clustered
+      for that vector (outliers and filtered tokens excluded, as in the paper).
+    - place and value: the dominant label, its share, and recall/F1 against the clustered
+      tokens with that label.
     - mcc: Matthews correlation of membership with carry over every 10s/100s evaluation
-      token, clustered or not (the basis of `carry_recovery`).
+      token, clustered or not, within each place (the basis of `carry_recovery`).
     """
     place = labels["place"].astype(str).to_numpy()
     carry = labels["carry"].to_numpy(bool)
@@ -38,26 +40,48 @@ def cluster_table(assign: np.ndarray, labels: pd.DataFrame, threshold: float = 0
         target_clustered = (target & clustered).sum()
         for c in np.unique(a[clustered]):
             member = a == c
-            size = member.sum()
+            size = int(member.sum())
             n_carry = (carry & member).sum()
             hits = (target & member).sum()
-            precision = hits / size
-            recall = hits / target_clustered if target_clustered else 0.0
-            rows.append({
-                "vector": j, "cluster": int(c), "size": int(size),
+            row = {
+                "vector": j, "cluster": int(c), "size": size,
                 "carry_homogeneity": n_carry / size,
                 "eligible": bool(n_carry and (carry & member & eligible_place).sum() / n_carry > threshold),
-                "recall": recall,
-                "f1": 2 * precision * recall / (precision + recall) if hits else 0.0,
-                "mcc": _mcc(member[eligible_place], carry[eligible_place]),
-                "place": pd.Series(place[member]).mode()[0],
-                "place_homogeneity": pd.Series(place[member]).value_counts(normalize=True).iloc[0],
-                "value": int(pd.Series(value[member]).mode()[0]),
-                "value_homogeneity": pd.Series(value[member]).value_counts(normalize=True).iloc[0],
-            })
-    return pd.DataFrame(rows, columns=[
-        "vector", "cluster", "size", "carry_homogeneity", "eligible", "recall", "f1", "mcc",
-        "place", "place_homogeneity", "value", "value_homogeneity"])
+                **_recall_f1("carry", hits, size, target_clustered),
+                "mcc": _place_mcc(member, carry, place),
+            }
+            for skill, y in (("place", place), ("value", value)):
+                values, counts = np.unique(y[member], return_counts=True)
+                top = values[np.argmax(counts)]
+                row[skill] = top
+                row[f"{skill}_homogeneity"] = counts.max() / size
+                row.update(_recall_f1(skill, counts.max(), size, (clustered & (y == top)).sum()))
+            rows.append(row)
+    columns = ["vector", "cluster", "size", "carry_homogeneity", "eligible", "carry_recall",
+               "carry_f1", "mcc", "place", "place_homogeneity", "place_recall", "place_f1",
+               "value", "value_homogeneity", "value_recall", "value_f1"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _recall_f1(skill: str, hits: int, size: int, relevant: int) -> dict[str, float]:
+    precision = hits / size if size else 0.0
+    recall = hits / relevant if relevant else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+    return {f"{skill}_recall": float(recall), f"{skill}_f1": float(f1)}
+
+
+def _place_mcc(member: np.ndarray, carry: np.ndarray, place: np.ndarray) -> float:
+    """Matthews correlation of membership with carry within each of the 10s and 100s
+    places, weighted by the cluster's tokens in each: a cluster that is just a place
+    (or a difference between the places' carry rates) scores 0."""
+    total = (member & np.isin(place, ELIGIBLE_PLACES)).sum()
+    if not total:
+        return 0.0
+    score = 0.0
+    for p in ELIGIBLE_PLACES:
+        sel = place == p
+        score += (member & sel).sum() / total * _mcc(member[sel], carry[sel])
+    return float(score)
 
 
 def _mcc(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -80,13 +104,16 @@ def top_homogeneity(table: pd.DataFrame, skill: str, k: int = 3) -> list[dict]:
     if pool.empty:
         return []
     best = pool.sort_values([col, "size"], ascending=False).groupby("vector").head(1)
-    keep = ["vector", "cluster", "size", col, "recall", "f1", "mcc"]
+    keep = ["vector", "cluster", "size", col, f"{skill}_recall", f"{skill}_f1"]
+    if skill != "carry":
+        keep.insert(3, skill)
     return best.head(k)[keep].to_dict("records")
 
 
 def carry_recovery(table: pd.DataFrame) -> float:
     """The search objective: the best Matthews correlation between membership of one
-    eligible cluster and carry, over all 10s/100s evaluation tokens.
+    eligible cluster and carry, over all 10s/100s evaluation tokens, taken within each
+    digit place and weighted by the cluster's tokens there.
 
     It is 0 for clusters unrelated to carry (and for a cluster holding a whole place),
     small for a tiny pure cluster (it misses most carries) and for clusterings that drop

@@ -238,6 +238,7 @@ def test_module_loss_reverse_route_matches_forward_and_brute_force():
     assert fwd.shape == (12, 6)
     torch.testing.assert_close(rev, fwd, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(l_rev, l_fwd)
+    assert rev.grad_fn is None and not rev.requires_grad  # holds no autograd graph
     jac = torch.autograd.functional.jacobian(loss_fn, theta)  # (n, d), independent
     torch.testing.assert_close(fwd, jac @ vectors, rtol=1e-9, atol=1e-12)
 

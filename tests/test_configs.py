@@ -1,0 +1,64 @@
+"""The real config composes with every group option; bad input fails before any work."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from polca_study.config import validate
+from tests.conftest import CONF_DIR, POLCA, ROOT, compose_config
+
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_option_composes_and_validates(group):
+    for option in sorted(Path(CONF_DIR, group).glob("*.yaml")):
+        key = f"+{group}" if group == "experiment" else group
+        cfg = compose_config([f"{key}={option.stem}"])
+        settings = validate(cfg)
+        assert settings.model.d_model > 0
+
+
+def test_default_config_values():
+    s = validate(compose_config())
+    assert s.dataset.name == "arithmetic" and s.method.name == "polca"
+    assert s.logger.mode == "auto" and s.polca.second_order == "exact"
+    assert s.basis.interval % s.train.checkpoint_every == 0
+
+
+def test_paper_preset_matches_the_paper():
+    s = validate(compose_config(["+experiment=paper_arithmetic"]))
+    assert (s.model.n_layers, s.model.d_model, s.model.n_heads, s.model.d_mlp) == (3, 512, 4, 2048)
+    assert (s.train.steps, s.train.batch_size, s.train.lr) == (10000, 64, 1e-5)
+    assert (s.basis.k, s.basis.interval, s.polca.interval) == (1, 200, 20)
+    assert s.dataset.carry_rate is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("basis.k=0", "basis.k must be >= 1"),
+    ("cluster.min_cluster_size=-3", "cluster.min_cluster_size must be >= 2"),
+    ("polca.second_order=fourth", "polca.second_order must be one of"),
+    ("polca.interval=30", "polca.interval=30 must be a multiple of train.checkpoint_every"),
+    ("model.n_heads=3", "model.d_model (64) must be divisible by model.n_heads (3)"),
+])
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(compose_config([override]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("basis.k=0", "basis.k must be >= 1"),
+    ("cluster.min_cluster_size=-3", "cluster.min_cluster_size must be >= 2"),
+    ("model=huge", "Could not find 'model/huge'"),
+    ("basis.kk=3", "Key 'kk' is not in struct"),
+    ("train.steps=many", "train.steps"),
+])
+def test_cli_fails_fast_with_a_clear_message(override, message, tmp_path, env):
+    cache = tmp_path / "cache"
+    proc = subprocess.run(POLCA + [override, f"cache_dir={cache}", f"hydra.run.dir={tmp_path}/run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert not cache.exists()  # failed before any stage ran
+    assert not (tmp_path / "run" / "wandb").exists()

@@ -1,0 +1,94 @@
+"""End-to-end runs of the CLI on the tiny preset: outputs, W&B, caching, resume."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import POLCA, ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def polca(args, env, timeout=600):
+    proc = subprocess.run(POLCA + args, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def wandb_records(run_dir: Path) -> list[dict]:
+    """The offline run read back from its .wandb log."""
+    (wandb_dir,) = list((run_dir / "wandb").glob("offline-run-*"))
+    out = subprocess.run([str(Path(POLCA[0]).parent / "wandb"), "leet", "inspect", "--json",
+                          str(wandb_dir)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_tiny_study_writes_outputs_and_an_offline_wandb_run(tmp_path, tiny_overrides, env):
+    run_dir = tmp_path / "run"
+    polca(tiny_overrides + ["figures=true", f"hydra.run.dir={run_dir}"], env)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("carry_recovery", "top_carry", "coverage", "ami_carry",
+                "null_top_carry_homogeneity_null95", "hidden_breakthrough_fraction",
+                "paper_second_order_rmse"):
+        assert key in summary
+    assert 0.0 <= summary["carry_recovery"] <= 1.0
+    frame = pd.read_parquet(run_dir / "trajectories.parquet")
+    assert {"token", "place", "carry", "value", "step", "loss", "loss_change", "polca_0"} <= set(frame)
+    assert len(frame) == 60 * 4 * 5  # tokens x evaluation intervals
+    assert (run_dir / "config.yaml").exists()
+    assert (run_dir / "figures" / "top_clusters.png").stat().st_size > 1000
+    records = wandb_records(run_dir)
+    text = json.dumps(records)
+    assert "eval/loss" in text and "carry_recovery" in text and "figures/learning_curves" in text
+    assert "trajectories-polca" in text  # the artifact
+    assert '"offline"' in text or "offline" in text
+
+
+def test_multirun_over_clustering_reuses_cached_stages(tmp_path, tiny_overrides, env):
+    sweep = tmp_path / "sweep"
+    polca(["-m", "cluster.min_cluster_size=5,8", f"hydra.sweep.dir={sweep}"] + tiny_overrides, env)
+    first = json.loads((sweep / "0" / "summary.json").read_text())
+    second = json.loads((sweep / "1" / "summary.json").read_text())
+    assert first["cache_hits"] == {"train": False, "basis": False, "decompose": False}
+    assert second["cache_hits"] == {"train": True, "basis": True, "decompose": True}
+    assert second["seconds"]["train"] < first["seconds"]["train"]
+    cache = tmp_path / "cache"
+    assert len(list((cache / "train").glob("[!.]*"))) == 1
+    assert len(list((cache / "decompose").glob("[!.]*"))) == 1
+
+
+def test_killed_run_resumes_without_recomputing_finished_stages(tmp_path, tiny_overrides, env):
+    cache = tmp_path / "cache"
+    args = tiny_overrides + ["polca.interval=10", "dataset.eval_size=400", "basis.interval=20",
+                             f"hydra.run.dir={tmp_path}/run"]
+    proc = subprocess.Popen(POLCA + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((cache / "basis").glob("[!.]*")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list((cache / "basis").glob("[!.]*")), "the run never finished its basis stage"
+    assert not list((cache / "decompose").glob("[!.]*")), "the run finished before it was killed"
+    train_entry = next((cache / "train").glob("[!.]*")) / "payload.pt"
+    stamp = train_entry.stat().st_mtime_ns
+    polca(args, env)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["cache_hits"] == {"train": True, "basis": True, "decompose": False}
+    assert train_entry.stat().st_mtime_ns == stamp
+
+
+def test_corrupt_cache_entry_is_recomputed(tmp_path, tiny_overrides, env):
+    polca(tiny_overrides + [f"hydra.run.dir={tmp_path}/a"], env)
+    payload = next((tmp_path / "cache" / "basis").glob("[!.]*")) / "payload.pt"
+    payload.write_bytes(payload.read_bytes()[:-10] + b"corrupted!")
+    polca(tiny_overrides + [f"hydra.run.dir={tmp_path}/b"], env)
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["cache_hits"]["train"] is True and summary["cache_hits"]["basis"] is False
