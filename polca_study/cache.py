@@ -61,7 +61,8 @@ class StageCache:
             return None
         return torch.load(payload, weights_only=False)
 
-    def save(self, stage: str, key: str, spec: dict, result: dict[str, Any]) -> None:
+    def save(self, stage: str, key: str, spec: dict, result: dict[str, Any],
+             replace: bool = False) -> None:
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
@@ -70,9 +71,9 @@ class StageCache:
             meta = {"stage": stage, "key": key, "spec": spec, "sha256": _sha256(tmp / "payload.pt"),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-            if final.exists():  # forced or corrupt: move the old entry aside first
+            if final.exists() and (replace or self.load(stage, key) is None):
                 stale = final.with_name(f".stale-{key}-{os.getpid()}")
-                os.replace(final, stale)
+                os.replace(final, stale)  # forced or corrupt: move the old entry aside
                 shutil.rmtree(stale, ignore_errors=True)
             try:
                 os.replace(tmp, final)
@@ -92,5 +93,5 @@ class StageCache:
         self.hits[stage] = result is not None
         if result is None:
             result = compute()
-            self.save(stage, key, spec, result)
+            self.save(stage, key, spec, result, replace=forced)
         return result, key

@@ -41,6 +41,9 @@ def main(cfg: DictConfig) -> float:
     info = job_info()
     metrics = run(cfg, info.pop("run_dir"), info)
     value = metrics.get(OBJECTIVE)
+    if metrics.get("clusters", 0) == 0:
+        raise RuntimeError(f"no clusters were found (method {metrics.get('method')}); "
+                           "loosen cluster.min_cluster_size or cluster.min_samples")
     if value is None or not math.isfinite(value):
         raise RuntimeError(f"the run produced no finite {OBJECTIVE}: {value!r}")
     return float(value)

@@ -8,8 +8,6 @@ its error with what is allowed) before any work starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -80,6 +78,7 @@ class ScoreConfig:
     permutations: int = 100  # draws of the permutation null
     breakthrough_delta: int = 100  # Δ in steps for the maximum-acceleration time
     hidden_after: int = 1000  # τ: a breakthrough later than this is hidden
+    probe: bool = True  # the supervised carry probe (cross-validated AUC)
 
 
 @dataclass
@@ -110,7 +109,6 @@ class Config:
     force: list[str] = field(default_factory=list)  # stages to recompute
     progress: bool = True
     figures: bool = True
-    sweep: Any = None  # Optuna study settings, filled by `+sweep=<name>`
 
 
 def register() -> None:

@@ -32,6 +32,7 @@ from polca_study.model import ModelConfig, Transformer
 from polca_study.polca import ModuleLoss, build_basis, decompose_trajectory
 from polca_study.score import (
     ami_and_coverage,
+    carry_probe_auc,
     carry_recovery,
     cluster_breakthroughs,
     cluster_table,
@@ -52,12 +53,13 @@ def peak_memory_mb() -> float:
 
 
 @contextmanager
-def stage(name: str, timings: dict):
+def stage(name: str, timings: dict, memory: dict):
+    """Time a stage and log a one-line summary with the process's peak memory so far."""
     start = time.perf_counter()
     yield
-    seconds = time.perf_counter() - start
-    timings[name] = seconds
-    log.info("[%s] %.1f s, peak memory %.0f MB", name, seconds, peak_memory_mb())
+    timings[name] = time.perf_counter() - start
+    memory[name] = peak_memory_mb()
+    log.info("[%s] %.1f s, peak memory %.0f MB", name, timings[name], memory[name])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -204,6 +206,8 @@ def analyse(cfg: Config, method: str, traj: dict, labels: pd.DataFrame, lca: dic
         "hidden_breakthrough_fraction": float(table["hidden"].mean()) if len(table) else 0.0,
     }
     metrics.update(ami_and_coverage(assign, labels))
+    if s.probe:
+        metrics["probe_auc"] = carry_probe_auc(curves.curves[:, :, keep], labels, seed=cfg.seed)
     metrics.update({f"null_{k}": v for k, v in permutation_null(
         assign, labels, s.permutations, s.homogeneity_threshold, cfg.seed).items()})
     for i, row in enumerate(metrics["top_carry"][:3]):
@@ -267,18 +271,19 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike = ".", job: dict | None = No
 
 def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker, device) -> dict:
     timings: dict[str, float] = {}
+    memory: dict[str, float] = {}
     progress = cfg.progress
     write_atomic(run_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(raw, resolve=True)))
     data = ArithmeticData(cfg.dataset.eval_size, cfg.dataset.hessian_size, cfg.dataset.carry_rate,
                           cfg.dataset.seed)
     labels = data.eval_split().labels
 
-    with stage("train", timings):
+    with stage("train", timings, memory):
         trained, train_key = stage_train(cfg, data, cache, tracker, device, progress)
     _log_history(tracker, trained["history"])
-    with stage("basis", timings):
+    with stage("basis", timings, memory):
         basis, basis_key = stage_basis(cfg, data, trained, train_key, cache, device, progress)
-    with stage("decompose", timings):
+    with stage("decompose", timings, memory):
         traj, _ = stage_decompose(cfg, data, trained, basis["vectors"], basis_key, "decompose",
                                   cfg.polca.second_order, cache, device, progress)
         lca = None
@@ -289,7 +294,7 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
             lca, _ = stage_decompose(cfg, data, trained, unit, f"{train_key}/lca", "trajectories",
                                      "none", cache, device, progress)
             lca = {**lca, "parameters": params}
-    with stage("cluster+score", timings):
+    with stage("cluster+score", timings, memory):
         metrics, table, assign, curves = analyse(cfg, cfg.method.name, traj, labels, lca)
     metrics.update(approximation_error(traj))
     final_acc = trained["history"][trained["history"].step == trained["history"].step.max()]
@@ -301,8 +306,9 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
         "cache_hits": dict(cache.hits),
         "seconds": {**timings, "train_compute": float(trained["seconds"])},
         "peak_memory_mb": peak_memory_mb(),
+        "peak_memory_mb_after": memory,
     })
-    with stage("report", timings):
+    with stage("report", timings, memory):
         from polca_study import report
 
         write_atomic(run_dir / "summary.json",

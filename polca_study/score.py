@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_mutual_info_score
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 ELIGIBLE_PLACES = ("10s", "100s")
 
@@ -159,7 +163,8 @@ def permutation_null(
 def ami_and_coverage(assign: np.ndarray, labels: pd.DataFrame) -> dict[str, float]:
     """Adjusted mutual information of clusters with each skill over clustered tokens,
     averaged over vectors, and coverage (share of tokens neither filtered nor outliers)."""
-    out = {"coverage": float((assign >= 0).mean())}
+    out = {"coverage": float((assign >= 0).mean()),
+           "coverage_per_vector": (assign >= 0).mean(axis=0).round(4).tolist()}
     for skill in ("carry", "place", "value"):
         y = labels[skill].astype(str).to_numpy()
         scores = []
@@ -167,6 +172,7 @@ def ami_and_coverage(assign: np.ndarray, labels: pd.DataFrame) -> dict[str, floa
             sel = assign[:, j] >= 0
             scores.append(adjusted_mutual_info_score(y[sel], assign[sel, j]) if sel.sum() > 1 else 0.0)
         out[f"ami_{skill}"] = float(np.mean(scores)) if scores else 0.0
+        out[f"ami_{skill}_per_vector"] = np.round(scores, 4).tolist()
     return out
 
 
@@ -197,3 +203,18 @@ def cluster_breakthroughs(
             rows.append({"vector": j, "cluster": int(c), "breakthrough_step": t,
                          "hidden": t > hidden_after})
     return pd.DataFrame(rows, columns=["vector", "cluster", "breakthrough_step", "hidden"])
+
+
+def carry_probe_auc(curves: np.ndarray, labels: pd.DataFrame, folds: int = 5, seed: int = 0) -> float:
+    """Supervised diagnostic, apart from the unsupervised metrics: cross-validated ROC AUC
+    of a linear probe predicting carry for 10s/100s tokens from all of a method's curves
+    (n, T, m). High AUC with low carry homogeneity means the skill is in the trajectories
+    but clustering did not isolate it."""
+    sel = labels["place"].astype(str).isin(ELIGIBLE_PLACES).to_numpy()
+    x = curves[sel].reshape(int(sel.sum()), -1)
+    y = labels["carry"].to_numpy(bool)[sel]
+    if y.all() or not y.any() or min(y.sum(), (~y).sum()) < folds:
+        return float("nan")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(probe, x, y, cv=cv, scoring="roc_auc").mean())

@@ -1,0 +1,156 @@
+"""Cost of POLCA on the default arithmetic model and evaluation set, side by side.
+
+    .venv/bin/python benchmarks/polca_routes.py [--threads 2] [--repeats 3]
+
+Prints, measured in one run: seconds per evaluation interval for m = 1, 10, 50 in each
+route and second-order mode, as ratios to a plain forward pass over the same tokens;
+the naive baseline (a Python loop of autograd.grad per token, dotted with the basis);
+Hessian-vector products and time of `build_basis` (Lanczos) against power iteration
+with deflation (PyHessian's method) at residual <= 1e-3; peak memory of each case.
+Medians over repeats; the machine is shared, so read ratios, not seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import statistics
+import time
+
+import torch
+
+from polca_study.data.arithmetic import ArithmeticData, token_loss
+from polca_study.model import ModelConfig, Transformer
+from polca_study.polca import (
+    ModuleLoss,
+    build_basis,
+    decompose_trajectory,
+    flatten_parameters,
+    hessian_vector_product,
+)
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident set
+
+
+def peak_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    times = []
+    reset_peak()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), peak_mb()
+
+
+def checkpoints(d: int) -> list[torch.Tensor]:
+    """Snapshots of the default study's trained model when cached, else a short training."""
+    found = sorted(glob.glob(".cache/polca_study/train/*/payload.pt"))
+    for path in found:
+        snaps = torch.load(path, weights_only=False)["snapshots"]
+        if snaps.shape[1] == d and len(snaps) > 40:
+            return [snaps[i] for i in (20, 21, 22, 23)]
+    raise SystemExit("run the default study first (make run) so its trained model is cached")
+
+
+def power_iteration(hvp, d: int, k: int, residual: float, seed: int = 0, cap: int = 5000):
+    """PyHessian's top-k eigenpairs: power iteration, deflating found vectors each step."""
+    g = torch.Generator().manual_seed(seed)
+    found, count = [], 0
+    for _ in range(k):
+        v = torch.randn(d, generator=g)
+        for _ in range(cap):
+            for u in found:
+                v = v - (u @ v) * u
+            v = v / v.norm()
+            w = hvp(v)
+            count += 1
+            lam = v @ w
+            if (w - lam * v).norm() / lam.abs() <= residual:
+                break
+            v = w
+        found.append(v)
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--naive-tokens", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    data = ArithmeticData(eval_size=1250, hessian_size=1250, carry_rate=0.08)
+    model = Transformer(ModelConfig(n_ctx=11, d_vocab=12))
+    d = flatten_parameters(model).numel()
+    thetas = checkpoints(d)
+    loss = ModuleLoss(model, data.eval_split().batch(), token_loss)
+    n = loss(thetas[0]).numel()
+    with torch.no_grad():
+        forward, _ = timed(lambda: loss(thetas[0]), 5)
+    print(f"model: {d:,} parameters; {n:,} evaluation tokens; forward pass {forward * 1e3:.0f} ms "
+          f"({args.threads} threads)\n")
+
+    print("seconds per interval (median of streamed intervals) and ratio to a forward pass")
+    print(f"{'m':>3} {'mode':>6} {'route':>8} {'s/interval':>11} {'x forward':>10} {'peak MB':>8}")
+    steps = len(thetas) - 1
+    for m in (1, 10, 50):
+        vectors, _ = torch.linalg.qr(torch.randn(d, m))
+        cases = [("none", "forward"), ("none", "reverse"), ("path", "reverse"),
+                 ("paper", "reverse"), ("exact", "forward")]
+        for mode, route in cases:
+            def run(mode=mode, route=route):
+                decompose_trajectory(loss, thetas, vectors, mode, route=route, progress=False)
+
+            seconds, peak = timed(run, 1 if m == 50 else args.repeats)
+            per = seconds / steps
+            print(f"{m:>3} {mode:>6} {route:>8} {per:>11.2f} {per / forward:>10.1f} {peak:>8.0f}")
+        if m == 50:
+            auto = loss.choose_route(m)
+            print(f"    route=auto chooses {auto!r} at m={m}")
+
+    # naive: one autograd.grad per token, dotted with the basis (extrapolated from a subset)
+    vectors, _ = torch.linalg.qr(torch.randn(d, 10))
+    theta = thetas[0].clone().requires_grad_(True)
+
+    def naive():
+        for i in range(args.naive_tokens):
+            (g,) = torch.autograd.grad(loss(theta)[i], theta)
+            g @ vectors
+
+    seconds, _ = timed(naive, 1)
+    naive_interval = seconds * n / args.naive_tokens
+    fast, _ = timed(lambda: loss.directional(thetas[0], vectors, route="reverse"), args.repeats)
+    print(f"\nnaive per-token loop, m=10: {naive_interval:.0f} s per interval (from "
+          f"{args.naive_tokens} tokens), {naive_interval / fast:.0f}x the reverse route")
+
+    # basis: Lanczos vs power iteration with deflation at residual <= 1e-3
+    hessian = ModuleLoss(model, data.hessian_split().batch(), token_loss)
+    total = lambda th: hessian(th).sum()  # noqa: E731
+    print("\nbasis at one checkpoint, residual <= 1e-3: Hessian-vector products and seconds")
+    for k in (1, 5):
+        start = time.perf_counter()
+        basis = build_basis(total, [thetas[-1]], k, tol=1e-3)
+        lanczos_s = time.perf_counter() - start
+        hvp = hessian_vector_product(total, thetas[-1])
+        start = time.perf_counter()
+        power = power_iteration(hvp, d, k, residual=1e-3)
+        power_s = time.perf_counter() - start
+        print(f"k={k}: Lanczos {basis.hvps} HVPs {lanczos_s:.1f} s (max residual "
+              f"{basis.residuals.max():.1e}); power iteration {power} HVPs {power_s:.1f} s; "
+              f"ratio {basis.hvps / power:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class SamplerConf:
+    name: str = "tpe"  # tpe | random | grid | cmaes
+    seed: int | None = 0
+
+
+@dataclass
+class OptunaSweeperConf:
+    _target_: str = "hydra_plugins.polca_optuna_sweeper.sweeper.OptunaSweeper"
+    study_name: str = "polca"
+    # Any SQLAlchemy URL; sqlite files are created with their directory.
+    storage: str = "sqlite:///optuna/studies.db"
+    direction: str = "maximize"
+    n_trials: int = 20  # trials in the whole study, across reruns and workers
+    n_jobs: int = 1  # trials handed to the launcher at once (parallel with joblib)
+    max_failures: int = 5  # the study stops once this many trials have failed
+    sampler: SamplerConf = field(default_factory=SamplerConf)
+    # Search space in Hydra's override grammar, e.g. "int(interval(20, 200))",
+    # "choice(eom, leaf)", "tag(log, interval(1e-4, 1e-1))", "range(1, 5)".
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="polca_optuna", node=OptunaSweeperConf,
+                             provider="polca_study")

@@ -1,0 +1,235 @@
+"""Ask Optuna for trials, run them as Hydra jobs through the configured launcher, tell
+Optuna their objective. Counting and asking happen under a study-wide lock (a file lock
+for SQLite, an advisory lock for PostgreSQL), so many workers on one study run exactly
+`n_trials`; trials of a worker that died are failed and re-queued on the next start."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import math
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.trial import TrialState
+
+log = logging.getLogger(__name__)
+WORKER = "worker"  # trial system attribute: host:pid of the process running it
+STALE = "stale"  # user attribute on trials failed because their worker died
+
+
+def distribution(override: Override) -> BaseDistribution | Any:
+    """An Optuna distribution from a Hydra sweep override, or the fixed value."""
+    if not override.is_sweep_override():
+        return override.get_value_element_as_str()
+    value = override.value()
+    if override.is_choice_sweep() or (override.is_range_sweep() and value.shuffle):
+        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+    if override.is_range_sweep():
+        assert isinstance(value, RangeSweep)
+        if any(isinstance(x, float) for x in (value.start, value.stop, value.step)):
+            return FloatDistribution(value.start, value.stop, step=value.step)
+        return IntDistribution(int(value.start), int(value.stop) - 1, step=int(value.step))
+    if override.is_interval_sweep():
+        assert isinstance(value, IntervalSweep)
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(int(value.start), int(value.end), log=log_scale)
+        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise ValueError(f"hydra.sweeper.params: {override.input_line!r} is not a supported sweep "
+                     f"(use choice, range or interval)")
+
+
+def make_sampler(name: str, seed: int | None, space: dict) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(
+            {k: list(v.choices) if isinstance(v, CategoricalDistribution)
+             else list(range(v.low, v.high + 1, v.step)) for k, v in space.items()}, seed=seed)
+    raise ValueError(f"hydra.sweeper.sampler.name must be one of tpe, random, cmaes, grid; got {name!r}")
+
+
+def sqlite_path(storage: str) -> Path | None:
+    return Path(storage.removeprefix("sqlite:///")) if storage.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def study_lock(storage: str, study_name: str) -> Iterator[None]:
+    """Serialise count-and-ask across workers of one study."""
+    path = sqlite_path(storage)
+    if path is not None:
+        with open(path.with_suffix(".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return
+    if storage.startswith("postgresql"):
+        import sqlalchemy
+
+        key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
+        engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        engine.dispose()
+        return
+    log.warning("no cross-worker lock for %s: concurrent workers may overshoot n_trials", storage)
+    yield
+
+
+def _alive(worker: str) -> bool:
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname():
+        return True  # cannot tell; assume the other machine's worker is alive
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OptunaSweeper(Sweeper):
+    def __init__(self, study_name, storage, direction, n_trials, n_jobs, max_failures, sampler,
+                 params, **_ignored):
+        self.study_name = study_name
+        self.storage = storage
+        self.direction = direction
+        self.n_trials = int(n_trials)
+        self.n_jobs = max(1, int(n_jobs))
+        self.max_failures = int(max_failures)
+        self.sampler_conf = sampler
+        self.params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else params or {}
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    # ---------------------------------------------------------------- the study
+
+    def _space(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, str]]:
+        lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        space, fixed = {}, {}
+        for override in OverridesParser.create().parse_overrides(lines):
+            value = distribution(override)
+            key = override.get_key_element()
+            if isinstance(value, BaseDistribution):
+                space[key] = value
+            else:
+                fixed[key] = value
+                space.pop(key, None)
+        return space, fixed
+
+    def _study(self, space: dict) -> optuna.Study:
+        path = sqlite_path(self.storage)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.create_study(
+            study_name=self.study_name, storage=self.storage, load_if_exists=True,
+            direction=self.direction,
+            sampler=make_sampler(self.sampler_conf.name, self.sampler_conf.seed, space),
+        )
+
+    def _requeue_dead(self, study: optuna.Study) -> None:
+        """Fail the running trials of workers that died, and queue their parameters again."""
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = t.system_attrs.get(WORKER)
+            if worker and not _alive(worker):
+                study._storage.set_trial_user_attr(t._trial_id, STALE, True)
+                study._storage.set_trial_user_attr(t._trial_id, "fail_reason",
+                                                   f"worker {worker} died")
+                study.tell(t.number, state=TrialState.FAIL)
+                study.enqueue_trial(t.params, skip_if_exists=False)
+                log.info("trial %d: its worker %s died; failed and queued again", t.number, worker)
+
+    @staticmethod
+    def _counts(study: optuna.Study) -> tuple[int, int]:
+        """(trials that count toward n_trials, real failures)."""
+        trials = study.get_trials(deepcopy=False)
+        failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(STALE) for t in trials)
+        taken = sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
+                    for t in trials)
+        return taken + failed, failed
+
+    def sweep(self, arguments: list[str]) -> None:
+        space, fixed = self._space(arguments)
+        study = self._study(space)
+        log.info("study %s in %s: %d trials wanted, space %s", self.study_name, self.storage,
+                 self.n_trials, sorted(space))
+        while True:
+            with study_lock(self.storage, self.study_name):
+                self._requeue_dead(study)
+                counted, failed = self._counts(study)
+                if failed >= self.max_failures:
+                    raise RuntimeError(
+                        f"study {self.study_name}: {failed} failed trials reached "
+                        f"hydra.sweeper.max_failures={self.max_failures}")
+                batch = min(self.n_jobs, self.n_trials - counted)
+                if batch <= 0:
+                    break
+                trials = [study.ask(space) for _ in range(batch)]
+                for t in trials:
+                    study._storage.set_trial_system_attr(t._trial_id, WORKER, self.worker)
+            self._run(study, trials, fixed)
+        self._finish(study)
+
+    def _run(self, study: optuna.Study, trials: list, fixed: dict) -> None:
+        overrides = [tuple(f"{k}={v}" for k, v in {**fixed, **t.params}.items()) for t in trials]
+        numbers = [t.number for t in trials]
+        # job directories are numbered by trial, so reruns never overwrite them
+        if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+            returns = self.launcher.launch(overrides, initial_job_idx=numbers[0])
+        else:
+            returns = [self.launcher.launch([o], initial_job_idx=n)[0]
+                       for o, n in zip(overrides, numbers, strict=True)]
+        for trial, ret in zip(trials, returns, strict=True):
+            try:
+                value = float(ret.return_value)
+                if not math.isfinite(value):
+                    raise ValueError(f"objective is {value}")
+            except Exception as err:  # the job raised, or returned no usable value
+                reason = f"{type(err).__name__}: {err}"
+                trial.set_user_attr("fail_reason", reason[:1000])
+                study.tell(trial, state=TrialState.FAIL)
+                log.warning("trial %d failed: %s", trial.number, reason)
+                continue
+            study.tell(trial, value)
+            log.info("trial %d: %s = %.4f", trial.number, dict(trial.params), value)
+
+    def _finish(self, study: optuna.Study) -> None:
+        from hydra_plugins.polca_optuna_sweeper.report import report_study
+
+        report_study(study, Path(self.config.hydra.sweep.dir), self.config)
