@@ -1,7 +1,7 @@
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Hydra imports plugin modules outside
+# sys.modules, where dataclasses cannot resolve string annotations.
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -9,7 +9,7 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class SamplerConf:
     name: str = "tpe"  # tpe | random | grid | cmaes
-    seed: int | None = 0
+    seed: Optional[int] = 0
 
 
 @dataclass
@@ -25,7 +25,7 @@ class OptunaSweeperConf:
     sampler: SamplerConf = field(default_factory=SamplerConf)
     # Search space in Hydra's override grammar, e.g. "int(interval(20, 200))",
     # "choice(eom, leaf)", "tag(log, interval(1e-4, 1e-1))", "range(1, 5)".
-    params: dict[str, Any] = field(default_factory=dict)
+    params: Dict[str, Any] = field(default_factory=dict)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="polca_optuna", node=OptunaSweeperConf,
