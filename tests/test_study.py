@@ -32,7 +32,7 @@ def wandb_records(run_dir: Path) -> list[dict]:
 
 def test_tiny_study_writes_outputs_and_an_offline_wandb_run(tmp_path, tiny_overrides, env):
     run_dir = tmp_path / "run"
-    polca(tiny_overrides + ["figures=true", f"hydra.run.dir={run_dir}"], env)
+    polca(tiny_overrides + ["figures=true", "polca=exact", f"hydra.run.dir={run_dir}"], env)
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("carry_recovery", "top_carry", "coverage", "ami_carry",
                 "null_top_carry_homogeneity_null95", "hidden_breakthrough_fraction",
