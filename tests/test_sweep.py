@@ -47,6 +47,10 @@ def test_killed_sqlite_study_resumes_and_completes(tmp_path, env):
     after = complete(storage, "resume")
     assert len(after) == 6
     assert len({t.number for t in after}) == 6
+    assert len({tuple(sorted(t.params.items())) for t in after}) == 6  # no replayed samples
+    running = optuna.load_study(study_name="resume", storage=storage).get_trials(
+        states=(TrialState.RUNNING, TrialState.WAITING))
+    assert running == []
     for t in after:  # finished trials kept once, unchanged
         if t.number in before:
             assert (t.params, t.value) == before[t.number]
@@ -58,7 +62,7 @@ def test_failed_trials_are_recorded_with_their_reason(tmp_path, env):
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
     # min_cluster_size above the token count of each place: no clusters in any trial
     args = sweep_args(tmp_path, storage, "failing", [
-        "logger=disabled", "hydra.sweeper.params.cluster.min_cluster_size=int(interval(500, 600))"])
+        "logger=disabled", "cluster.min_cluster_size=int(interval(500, 600))"])
     proc = subprocess.run(POLCA + args, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode != 0

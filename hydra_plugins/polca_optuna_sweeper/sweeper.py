@@ -107,6 +107,8 @@ def study_lock(storage: str, study_name: str) -> Iterator[None]:
 
 def _alive(worker: str) -> bool:
     host, _, pid = worker.rpartition(":")
+    if host == "unknown":
+        return False
     if host != socket.gethostname():
         return True  # cannot tell; assume the other machine's worker is alive
     try:
@@ -157,22 +159,29 @@ class OptunaSweeper(Sweeper):
         path = sqlite_path(self.storage)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.create_study(
-            study_name=self.study_name, storage=self.storage, load_if_exists=True,
-            direction=self.direction,
-            sampler=make_sampler(self.sampler_conf.name, self.sampler_conf.seed, space),
-        )
+        study = optuna.create_study(study_name=self.study_name, storage=self.storage,
+                                    load_if_exists=True, direction=self.direction)
+        # offset the seed by the trials already there, so a resumed study (or a second
+        # worker) does not replay the first session's samples
+        seed = self.sampler_conf.seed
+        if seed is not None:
+            seed += len(study.get_trials(deepcopy=False))
+        study.sampler = make_sampler(self.sampler_conf.name, seed, space)
+        return study
 
     def _requeue_dead(self, study: optuna.Study) -> None:
         """Fail the running trials of workers that died, and queue their parameters again."""
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            worker = t.system_attrs.get(WORKER)
-            if worker and not _alive(worker):
+            # a trial without a worker was killed while being asked: asking and tagging
+            # happen under the lock we hold now
+            worker = t.system_attrs.get(WORKER, "unknown:-1")
+            if not _alive(worker):
                 study._storage.set_trial_user_attr(t._trial_id, STALE, True)
                 study._storage.set_trial_user_attr(t._trial_id, "fail_reason",
                                                    f"worker {worker} died")
                 study.tell(t.number, state=TrialState.FAIL)
-                study.enqueue_trial(t.params, skip_if_exists=False)
+                if set(t.params) == set(t.distributions) and t.params:
+                    study.enqueue_trial(t.params, skip_if_exists=False)
                 log.info("trial %d: its worker %s died; failed and queued again", t.number, worker)
 
     @staticmethod
