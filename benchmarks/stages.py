@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/stages.py [--warm 5] [overrides ...]
 
-Runs the default study once on an empty cache (a cold trial: every stage computed),
-then `--warm` clustering-only trials (different cluster.min_cluster_size) that find
-training, basis and decomposition cached, as a sweep's trials do. Prints each stage's
+Runs the default study once computing every stage (a cold trial; `force=[all]`), then
+`--warm` clustering-only trials (different cluster.min_cluster_size, with the settings
+of the sweeps in `sweeps/`) that find training, basis and decomposition cached. Prints each stage's
 seconds and the process's peak memory after it, the median warm and cold trial times
 and their ratio. Runs in-process, like trials under Hydra's basic launcher.
 """
@@ -25,10 +25,12 @@ from polca_study.pipeline import run
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--warm", type=int, default=5)
+    parser.add_argument("--cache-dir", default=None, help="default: a temporary directory")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(CONF_DIR, version_base="1.3"):
-        base = [f"cache_dir={tmp}/cache", "logger=disabled", "progress=false", *args.overrides]
+        cache = args.cache_dir or f"{tmp}/cache"
+        base = [f"cache_dir={cache}", "force=[all]", "progress=false", *args.overrides]
 
         def trial(extra: list[str], name: str) -> tuple[float, dict]:
             cfg = compose("config", overrides=base + extra)
@@ -36,15 +38,18 @@ def main() -> None:
             metrics = run(cfg, f"{tmp}/{name}")
             return time.perf_counter() - start, metrics
 
-        cold_s, cold = trial([], "cold")
+        cold_s, cold = trial(["logger=disabled"], "cold")
+        base.remove("force=[all]")
         print(f"{'stage':<15}{'seconds':>9}{'peak MB':>9}")
         for stage, seconds in cold["seconds"].items():
             peak = cold["peak_memory_mb_after"].get(stage, float("nan"))
             print(f"{stage:<15}{seconds:>9.1f}{peak:>9.0f}")
         warm = []
         for i in range(args.warm):
-            seconds, m = trial([f"cluster.min_cluster_size={40 + 10 * i}", "figures=false"],
-                               f"warm{i}")
+            # as a sweep's trial: an offline W&B run, no figures or trajectory file
+            seconds, m = trial([f"cluster.min_cluster_size={40 + 10 * i}", "figures=false",
+                                "save_trajectories=false", "score.permutations=20",
+                                "score.probe=false", "logger=offline"], f"warm{i}")
             assert all(m["cache_hits"].values()), m["cache_hits"]
             warm.append(seconds)
         median = statistics.median(warm)

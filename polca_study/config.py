@@ -109,6 +109,7 @@ class Config:
     force: list[str] = field(default_factory=list)  # stages to recompute
     progress: bool = True
     figures: bool = True
+    save_trajectories: bool = True  # trajectories.parquet (and its W&B artifact)
 
 
 def register() -> None:

@@ -314,15 +314,16 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
         write_atomic(run_dir / "summary.json",
                      lambda p: p.write_text(json.dumps(metrics, indent=2, default=_jsonable)))
         write_atomic(run_dir / "clusters.csv", lambda p: table.to_csv(p, index=False))
-        frame = trajectories_frame(traj, labels)
-        write_atomic(run_dir / "trajectories.parquet", lambda p: frame.to_parquet(p, index=False))
+        if cfg.save_trajectories:
+            frame = trajectories_frame(traj, labels)
+            write_atomic(run_dir / "trajectories.parquet", lambda p: frame.to_parquet(p, index=False))
         np.save(run_dir / "assignments.npy", assign)
         figures = report.figures(run_dir, trained["history"], curves, assign, labels, table) \
             if cfg.figures else {}
         tracker.summary(_flat_summary(metrics))
         tracker.images(figures)
         tracker.table("clusters", table)
-        if cfg.logger.log_artifacts:
+        if cfg.logger.log_artifacts and cfg.save_trajectories:
             tracker.artifact(f"trajectories-{cfg.method.name}", "trajectories",
                              [run_dir / "trajectories.parquet", run_dir / "clusters.csv"])
     log.info("carry_recovery %.3f, top carry homogeneity %s, coverage %.2f",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_mutual_info_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -17,6 +18,55 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 ELIGIBLE_PLACES = ("10s", "100s")
+
+
+def membership(assign: np.ndarray) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:
+    """Every cluster of every column as one sparse membership matrix (n tokens × K
+    clusters), with each cluster's column (vector) and label."""
+    rows, cols, vec, lab = [], [], [], []
+    for j in range(assign.shape[1]):
+        sel = np.flatnonzero(assign[:, j] >= 0)
+        ids, local = np.unique(assign[sel, j], return_inverse=True)
+        rows.append(sel)
+        cols.append(len(vec) + local)
+        vec += [j] * len(ids)
+        lab += ids.tolist()
+    rows = np.concatenate(rows) if rows else np.empty(0, int)
+    cols = np.concatenate(cols) if cols else np.empty(0, int)
+    matrix = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(assign), len(vec)))
+    return matrix, np.asarray(vec, dtype=int), np.asarray(lab, dtype=int)
+
+
+def carry_stats(members: sparse.csr_matrix, carry: np.ndarray, place: np.ndarray,
+                threshold: float) -> dict[str, np.ndarray]:
+    """Carry homogeneity, eligibility and place-wise Matthews correlation of every cluster
+    (K,) for each column of `carry` (n, D): D = 1 for the data, D = draws for a null."""
+    carry = carry.reshape(len(carry), -1).astype(float)
+    mt = members.T.tocsr()
+    size = np.asarray(members.sum(axis=0)).reshape(-1, 1)
+    n_carry = mt @ carry
+    eligible_place = np.isin(place, ELIGIBLE_PLACES).astype(float)
+    n_eligible = mt @ (carry * eligible_place[:, None])
+    mcc_sum = np.zeros_like(n_carry)
+    in_places = mt @ eligible_place
+    for p in ELIGIBLE_PLACES:
+        in_p = (place == p).astype(float)
+        N, C = in_p.sum(), (carry * in_p[:, None]).sum(axis=0, keepdims=True)
+        m = (mt @ in_p).reshape(-1, 1)
+        tp = mt @ (carry * in_p[:, None])
+        fp, fn = m - tp, C - tp
+        tn = N - m - fn
+        denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        mcc = np.divide(tp * tn - fp * fn, denom, out=np.zeros_like(tp), where=denom > 0)
+        mcc_sum += m * mcc
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "size": size[:, 0],
+            "carry_homogeneity": n_carry / size,
+            "eligible": (n_carry > 0) & (n_eligible / np.maximum(n_carry, 1) > threshold),
+            "hits": n_eligible,
+            "mcc": np.where(in_places[:, None] > 0, mcc_sum / np.maximum(in_places, 1)[:, None], 0.0),
+        }
 
 
 def cluster_table(assign: np.ndarray, labels: pd.DataFrame, threshold: float = 0.85) -> pd.DataFrame:
@@ -30,72 +80,44 @@ def cluster_table(assign: np.ndarray, labels: pd.DataFrame, threshold: float = 0
     - place and value: the dominant label, its share, and recall/F1 against the clustered
       tokens with that label.
     - mcc: Matthews correlation of membership with carry over every 10s/100s evaluation
-      token, clustered or not, within each place (the basis of `carry_recovery`).
+      token, clustered or not, within each place, weighted by the cluster's tokens in
+      each place (the basis of `carry_recovery`).
     """
     place = labels["place"].astype(str).to_numpy()
     carry = labels["carry"].to_numpy(bool)
-    value = labels["value"].to_numpy()
-    eligible_place = np.isin(place, ELIGIBLE_PLACES)
-    target = carry & eligible_place
-    rows = []
-    for j in range(assign.shape[1]):
-        a = assign[:, j]
-        clustered = a >= 0
-        target_clustered = (target & clustered).sum()
-        for c in np.unique(a[clustered]):
-            member = a == c
-            size = int(member.sum())
-            n_carry = (carry & member).sum()
-            hits = (target & member).sum()
-            row = {
-                "vector": j, "cluster": int(c), "size": size,
-                "carry_homogeneity": n_carry / size,
-                "eligible": bool(n_carry and (carry & member & eligible_place).sum() / n_carry > threshold),
-                **_recall_f1("carry", hits, size, target_clustered),
-                "mcc": _place_mcc(member, carry, place),
-            }
-            for skill, y in (("place", place), ("value", value)):
-                values, counts = np.unique(y[member], return_counts=True)
-                top = values[np.argmax(counts)]
-                row[skill] = top
-                row[f"{skill}_homogeneity"] = counts.max() / size
-                row.update(_recall_f1(skill, counts.max(), size, (clustered & (y == top)).sum()))
-            rows.append(row)
-    columns = ["vector", "cluster", "size", "carry_homogeneity", "eligible", "carry_recall",
-               "carry_f1", "mcc", "place", "place_homogeneity", "place_recall", "place_f1",
-               "value", "value_homogeneity", "value_recall", "value_f1"]
-    return pd.DataFrame(rows, columns=columns)
+    members, vector, cluster = membership(assign)
+    stats = carry_stats(members, carry, place, threshold)
+    size = stats["size"]
+    target = (carry & np.isin(place, ELIGIBLE_PLACES)).astype(float)
+    clustered = (assign >= 0).astype(float)
+    table = pd.DataFrame({
+        "vector": vector, "cluster": cluster, "size": size.astype(int),
+        "carry_homogeneity": stats["carry_homogeneity"][:, 0],
+        "eligible": stats["eligible"][:, 0],
+        **_recall_f1("carry", stats["hits"][:, 0], size, (target @ clustered)[vector]),
+        "mcc": stats["mcc"][:, 0],
+    })
+    mt = members.T.tocsr()
+    for skill, y in (("place", place), ("value", labels["value"].to_numpy())):
+        values, codes = np.unique(y, return_inverse=True)
+        onehot = np.eye(len(values))[codes]  # (n, L)
+        counts = mt @ onehot  # (K, L)
+        top = counts.argmax(axis=1) if len(counts) else np.empty(0, int)
+        hits = counts[np.arange(len(top)), top]
+        relevant = (clustered.T @ onehot)[vector, top]  # clustered tokens with that label
+        table[skill] = values[top]
+        table[f"{skill}_homogeneity"] = hits / size
+        for key, col in _recall_f1(skill, hits, size, relevant).items():
+            table[key] = col
+    return table
 
 
-def _recall_f1(skill: str, hits: int, size: int, relevant: int) -> dict[str, float]:
-    precision = hits / size if size else 0.0
-    recall = hits / relevant if relevant else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
-    return {f"{skill}_recall": float(recall), f"{skill}_f1": float(f1)}
-
-
-def _place_mcc(member: np.ndarray, carry: np.ndarray, place: np.ndarray) -> float:
-    """Matthews correlation of membership with carry within each of the 10s and 100s
-    places, weighted by the cluster's tokens in each: a cluster that is just a place
-    (or a difference between the places' carry rates) scores 0."""
-    total = (member & np.isin(place, ELIGIBLE_PLACES)).sum()
-    if not total:
-        return 0.0
-    score = 0.0
-    for p in ELIGIBLE_PLACES:
-        sel = place == p
-        score += (member & sel).sum() / total * _mcc(member[sel], carry[sel])
-    return float(score)
-
-
-def _mcc(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Matthews correlation of two boolean vectors (0 when either is constant)."""
-    tp = float((pred & truth).sum())
-    fp = float((pred & ~truth).sum())
-    fn = float((~pred & truth).sum())
-    tn = float((~pred & ~truth).sum())
-    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return (tp * tn - fp * fn) / denom if denom > 0 else 0.0
+def _recall_f1(skill: str, hits: np.ndarray, size: np.ndarray, relevant: np.ndarray) -> dict:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(size > 0, hits / np.maximum(size, 1), 0.0)
+        recall = np.where(relevant > 0, hits / np.maximum(relevant, 1), 0.0)
+        f1 = np.where(hits > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    return {f"{skill}_recall": recall, f"{skill}_f1": f1}
 
 
 def top_homogeneity(table: pd.DataFrame, skill: str, k: int = 3) -> list[dict]:
@@ -136,27 +158,24 @@ def permutation_null(
     percentile and p-values ((1 + #null ≥ observed) / (1 + draws))."""
     rng = np.random.default_rng(seed)
     place = labels["place"].astype(str).to_numpy()
-
-    def stats(lab: pd.DataFrame) -> tuple[float, float]:
-        t = cluster_table(assign, lab, threshold)
-        top = t.loc[t["eligible"], "carry_homogeneity"].max() if len(t) else np.nan
-        return (0.0 if np.isnan(top) else float(top)), carry_recovery(t)
-
-    observed = stats(labels)
-    null = []
-    for _ in range(draws):
-        shuffled = labels["carry"].to_numpy().copy()
-        for p in np.unique(place):
-            idx = np.flatnonzero(place == p)
-            shuffled[idx] = shuffled[rng.permutation(idx)]
-        null.append(stats(labels.assign(carry=shuffled)))
-    null = np.asarray(null) if draws else np.zeros((0, 2))
+    carry = labels["carry"].to_numpy(bool)
+    shuffled = np.repeat(carry[:, None], draws + 1, axis=1)  # column 0: the data
+    for p in np.unique(place):
+        idx = np.flatnonzero(place == p)
+        for d in range(1, draws + 1):
+            shuffled[idx, d] = carry[rng.permutation(idx)]
+    members, _, _ = membership(assign)
+    stats = carry_stats(members, shuffled, place, threshold)
+    eligible = stats["eligible"]
+    top = np.where(eligible, stats["carry_homogeneity"], -np.inf).max(axis=0, initial=-np.inf)
+    recovery = np.where(eligible, stats["mcc"], -np.inf).max(axis=0, initial=-np.inf)
+    top, recovery = np.maximum(top, 0.0), np.maximum(recovery, 0.0)
     out = {}
-    for i, name in enumerate(("top_carry_homogeneity", "carry_recovery")):
-        out[name] = observed[i]
+    for name, values in (("top_carry_homogeneity", top), ("carry_recovery", recovery)):
+        out[name] = float(values[0])
         if draws:
-            out[f"{name}_null95"] = float(np.percentile(null[:, i], 95))
-            out[f"{name}_pvalue"] = float((1 + (null[:, i] >= observed[i]).sum()) / (1 + draws))
+            out[f"{name}_null95"] = float(np.percentile(values[1:], 95))
+            out[f"{name}_pvalue"] = float((1 + (values[1:] >= values[0] - 1e-12).sum()) / (1 + draws))
     return out
 
 

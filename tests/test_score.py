@@ -89,3 +89,25 @@ def test_hdbscan_recovers_planted_groups_and_filters_rising_tokens():
     a, b = assign[:80], assign[80:160]
     assert len(set(a[a >= 0])) == 1 and len(set(b[b >= 0])) == 1 and a[0] != b[0]
     assert (a >= 0).mean() > 0.9 and (b >= 0).mean() > 0.9
+
+
+def test_vectorised_scores_match_sklearn_per_cluster(labels):
+    from sklearn.metrics import matthews_corrcoef
+
+    rng = np.random.default_rng(3)
+    assign = rng.integers(-2, 6, size=(len(labels), 3))
+    table = cluster_table(assign, labels)
+    place = labels.place.astype(str).to_numpy()
+    carry = labels.carry.to_numpy()
+    for row in table.itertuples():
+        member = assign[:, row.vector] == row.cluster
+        assert row.size == member.sum()
+        assert row.carry_homogeneity == pytest.approx(carry[member].mean())
+        weights, scores = [], []
+        for p in ("10s", "100s"):
+            sel = place == p
+            weights.append((member & sel).sum())
+            scores.append(matthews_corrcoef(carry[sel], member[sel]))
+        assert row.mcc == pytest.approx(np.average(scores, weights=weights))
+        values, counts = np.unique(place[member], return_counts=True)
+        assert row.place_homogeneity == pytest.approx(counts.max() / member.sum())
