@@ -493,16 +493,20 @@ class ModuleLoss:
                 self.names.append(name)
                 self.shapes.append(p.shape)
         self.sizes = [math.prod(s) for s in self.shapes]
+        self._positions: tuple[int, int] | None = None
+        self._route_cache: dict[int, str] = {}
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         parts = theta.split(self.sizes)
         return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
     def positions(self) -> tuple[int, int]:
-        """(S sequences, P loss positions per sequence), from one forward pass."""
-        with torch.no_grad():
-            shape = self.token_loss(self.forward(self.module, self.batch), self.batch).shape
-        return shape[0], shape[1]
+        """(S sequences, P loss positions per sequence), from one forward pass, once."""
+        if self._positions is None:
+            with torch.no_grad():
+                shape = self.token_loss(self.forward(self.module, self.batch), self.batch).shape
+            self._positions = (shape[0], shape[1])
+        return self._positions
 
     def __call__(self, theta: Tensor) -> Tensor:
         output = self.forward(_Bound(self.module, self.unflatten(theta)), self.batch)
@@ -514,6 +518,12 @@ class ModuleLoss:
         """Cheapest first-order route by a cost model in forward passes:
         forward ≈ 2.7·m; reverse ≈ 1 + P·(2 + m/(2T)) (a backward per position plus the
         projection, which costs about m/(2T) forward passes of T tokens)."""
+        if m in self._route_cache:
+            return self._route_cache[m]
+        self._route_cache[m] = self._cheaper_route(m)
+        return self._route_cache[m]
+
+    def _cheaper_route(self, m: int) -> str:
         if self.unsupported_parameters():
             return "forward"
         S, P = self.positions()
