@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import pickle
 import statistics
 import time
 
@@ -56,7 +57,8 @@ def checkpoints(d: int) -> list[torch.Tensor]:
     """Snapshots of the default study's trained model when cached, else a short training."""
     found = sorted(glob.glob(".cache/polca_study/train/*/payload.pt"))
     for path in found:
-        snaps = torch.load(path, weights_only=False)["snapshots"]
+        with open(path, "rb") as f:
+            snaps = pickle.load(f)["snapshots"]
         if snaps.shape[1] == d and len(snaps) > 40:
             return [snaps[i] for i in (20, 21, 22, 23)]
     raise SystemExit("run the default study first (make run) so its trained model is cached")

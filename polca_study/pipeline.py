@@ -100,8 +100,8 @@ def stage_train(cfg: Config, data: ArithmeticData, cache: StageCache, tracker, d
         result = train(model, data.train_batches(cfg.train.batch_size, cfg.seed), cfg.train,
                        token_loss, lambda m: evaluate(m, eval_split), device=device,
                        progress=progress)
-        return {"steps": result.steps, "snapshots": result.snapshots,
-                "history": result.history, "seconds": result.seconds}
+        return {"steps": result.steps, "snapshots": result.snapshots, "history": result.history,
+                "train_loss": result.train_loss, "seconds": result.seconds}
 
     return cache.get_or_compute("train", spec, compute)
 
@@ -280,7 +280,7 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
 
     with stage("train", timings, memory):
         trained, train_key = stage_train(cfg, data, cache, tracker, device, progress)
-    _log_history(tracker, trained["history"])
+    _log_history(tracker, trained["history"], trained.get("train_loss"))
     with stage("basis", timings, memory):
         basis, basis_key = stage_basis(cfg, data, trained, train_key, cache, device, progress)
     with stage("decompose", timings, memory):
@@ -332,14 +332,17 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
     return metrics
 
 
-def _log_history(tracker, history: pd.DataFrame) -> None:
-    """Evaluation loss and accuracy curves, overall and per place and carry."""
+def _log_history(tracker, history: pd.DataFrame, train_loss: pd.DataFrame | None) -> None:
+    """Training loss, and evaluation loss and accuracy overall and per place and carry."""
     if not tracker.active:
         return
+    train = {} if train_loss is None else dict(zip(train_loss.step, train_loss.loss, strict=True))
     for step, rows in history.groupby("step"):
         w = rows.tokens
         data = {"eval/loss": float(np.average(rows.loss, weights=w)),
                 "eval/accuracy": float(np.average(rows.accuracy, weights=w))}
+        if step in train:
+            data["train/loss"] = train[step]
         for r in rows.itertuples():
             tag = f"{r.place}_{'carry' if r.carry else 'nocarry'}"
             data[f"eval_loss/{tag}"] = r.loss

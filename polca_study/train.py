@@ -38,7 +38,8 @@ class TrainConfig:
 class TrainResult:
     steps: np.ndarray  # (C,) snapshot steps
     snapshots: Tensor  # (C, d) flat parameters, float32
-    history: pd.DataFrame  # step, place, loss, accuracy, carry_accuracy, ...
+    history: pd.DataFrame  # evaluation: step, place, carry, loss, accuracy, tokens
+    train_loss: pd.DataFrame  # step, mean training loss over the preceding snapshot interval
     seconds: float
 
 
@@ -68,7 +69,7 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     )
-    steps, snaps, rows = [], [], []
+    steps, snaps, rows, train_rows, running = [], [], [], [], []
     start = time.perf_counter()
 
     def snapshot(step: int) -> None:
@@ -95,12 +96,16 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
+        running.append(loss.item())
         if step % cfg.checkpoint_every == 0:
             snapshot(step)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            train_rows.append({"step": step, "loss": float(np.mean(running))})
+            bar.set_postfix(loss=f"{train_rows[-1]['loss']:.3f}")
+            running = []
     return TrainResult(
         steps=np.asarray(steps),
         snapshots=torch.stack(snaps),
         history=pd.concat(rows, ignore_index=True),
+        train_loss=pd.DataFrame(train_rows, columns=["step", "loss"]),
         seconds=time.perf_counter() - start,
     )

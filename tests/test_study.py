@@ -46,7 +46,7 @@ def test_tiny_study_writes_outputs_and_an_offline_wandb_run(tmp_path, tiny_overr
     assert (run_dir / "figures" / "top_clusters.png").stat().st_size > 1000
     records = wandb_records(run_dir)
     text = json.dumps(records)
-    assert "eval/loss" in text and "carry_recovery" in text and "figures/learning_curves" in text
+    assert "eval/loss" in text and "train/loss" in text and "carry_recovery" in text and "figures/learning_curves" in text
     assert "trajectories-polca" in text  # the artifact
     assert '"offline"' in text or "offline" in text
 
