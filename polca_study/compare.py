@@ -43,7 +43,8 @@ def job_label(run_dir: Path) -> str:
     overrides = run_dir / ".hydra" / "overrides.yaml"
     if overrides.exists():
         items = OmegaConf.load(overrides)
-        swept = [str(o) for o in items if not str(o).startswith(("cache_dir", "hydra", "+sweep"))]
+        swept = [str(o) for o in items
+                 if not str(o).startswith(("cache_dir", "hydra", "+sweep", "logger", "progress"))]
         if swept:
             return ", ".join(swept)
     return run_dir.name

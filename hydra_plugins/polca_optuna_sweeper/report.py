@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +30,7 @@ def report_study(study: optuna.Study, out_dir: Path, config: DictConfig) -> dict
         result.update(best_trial=best.number, best_value=best.value, best_params=best.params)
         log.info("best trial %d: %.4f with %s", best.number, best.value, best.params)
     figures = {}
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # matplotlib plots
     if complete:
         ax = optuna.visualization.matplotlib.plot_optimization_history(study)
         figures["optimization_history"] = _save(ax, out_dir / "optimization_history.png")

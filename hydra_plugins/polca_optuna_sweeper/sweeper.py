@@ -120,6 +120,16 @@ def _alive(worker: str) -> bool:
     return True
 
 
+def _tell(study: optuna.Study, trial, *args, **kwargs) -> None:
+    """study.tell, tolerating GridSampler's stop() once the grid is exhausted: outside
+    `optimize` it raises, but the trial's result is already stored."""
+    try:
+        study.tell(trial, *args, **kwargs)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+
+
 class OptunaSweeper(Sweeper):
     def __init__(self, study_name, storage, direction, n_trials, n_jobs, max_failures, sampler,
                  params, **_ignored):
@@ -232,10 +242,10 @@ class OptunaSweeper(Sweeper):
             except Exception as err:  # the job raised, or returned no usable value
                 reason = f"{type(err).__name__}: {err}"
                 trial.set_user_attr("fail_reason", reason[:1000])
-                study.tell(trial, state=TrialState.FAIL)
+                _tell(study, trial, state=TrialState.FAIL)
                 log.warning("trial %d failed: %s", trial.number, reason)
                 continue
-            study.tell(trial, value)
+            _tell(study, trial, value)
             log.info("trial %d: %s = %.4f", trial.number, dict(trial.params), value)
 
     def _finish(self, study: optuna.Study) -> None:
