@@ -71,7 +71,7 @@ def power_iteration(hvp, d: int, k: int, residual: float, seed: int = 0, cap: in
     found, count, converged = [], 0, True
     for _ in range(k):
         v = torch.randn(d, generator=g)
-        for i in range(cap):
+        for _ in range(cap):
             for u in found:
                 v = v - (u @ v) * u
             v = v / v.norm()
@@ -124,7 +124,7 @@ def routes(args, loss, thetas, d: int, n: int, forward: float) -> None:
         cases = [("none", "forward"), ("none", "reverse"), ("path", "reverse"),
                  ("paper", "reverse"), ("exact", "forward")]
         for mode, route in cases:
-            def run(mode=mode, route=route):
+            def run(mode=mode, route=route, vectors=vectors):
                 decompose_trajectory(loss, thetas, vectors, mode, route=route, progress=False)
 
             seconds, peak = timed(run, 1 if m == 50 else args.repeats)

@@ -8,6 +8,7 @@ its error with what is allowed) before any work starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 

@@ -166,7 +166,7 @@ def build_basis(
     for index, theta in enumerate(tqdm(checkpoints, desc="basis", disable=not progress)):
         hvp = hessian_vector_product(loss_fn, theta)
 
-        def matvec(x: np.ndarray) -> np.ndarray:
+        def matvec(x: np.ndarray, hvp=hvp) -> np.ndarray:
             nonlocal hvps
             hvps += 1
             v = project(torch.as_tensor(x.reshape(-1), dtype=dtype, device=device))

@@ -46,9 +46,9 @@ def test_tiny_study_writes_outputs_and_an_offline_wandb_run(tmp_path, tiny_overr
     assert (run_dir / "figures" / "top_clusters.png").stat().st_size > 1000
     records = wandb_records(run_dir)
     text = json.dumps(records)
-    assert "eval/loss" in text and "train/loss" in text and "carry_recovery" in text and "figures/learning_curves" in text
-    assert "trajectories-polca" in text  # the artifact
-    assert '"offline"' in text or "offline" in text
+    for logged in ("eval/loss", "train/loss", "eval_accuracy/10s_carry", "carry_recovery",
+                   "figures/learning_curves", "clusters", "trajectories-polca"):
+        assert logged in text, logged
 
 
 def test_multirun_over_clustering_reuses_cached_stages(tmp_path, tiny_overrides, env):

@@ -5,10 +5,10 @@ import signal
 import subprocess
 import time
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 
+import optuna
 from tests.conftest import POLCA, ROOT
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 # No `from __future__ import annotations`: Hydra imports plugin modules outside
 # sys.modules, where dataclasses cannot resolve string annotations.
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -9,7 +9,7 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class SamplerConf:
     name: str = "tpe"  # tpe | random | grid | cmaes
-    seed: Optional[int] = 0
+    seed: int | None = 0
 
 
 @dataclass
@@ -22,10 +22,13 @@ class OptunaSweeperConf:
     n_trials: int = 20  # trials in the whole study, across reruns and workers
     n_jobs: int = 1  # trials handed to the launcher at once (parallel with joblib)
     max_failures: int = 5  # the study stops once this many trials have failed
+    # Queue the configured values of the searched keys as a trial (once per study), so
+    # every study measures its baseline and can only improve on it.
+    baseline_trial: bool = True
     sampler: SamplerConf = field(default_factory=SamplerConf)
     # Search space in Hydra's override grammar, e.g. "int(interval(20, 200))",
     # "choice(eom, leaf)", "tag(log, interval(1e-4, 1e-1))", "range(1, 5)".
-    params: Dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="polca_optuna", node=OptunaSweeperConf,

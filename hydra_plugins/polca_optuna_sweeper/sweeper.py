@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
 from hydra.core.plugins import Plugins
@@ -30,6 +29,8 @@ from optuna.distributions import (
     IntDistribution,
 )
 from optuna.trial import TrialState
+
+import optuna
 
 log = logging.getLogger(__name__)
 WORKER = "worker"  # trial system attribute: host:pid of the process running it
@@ -105,6 +106,14 @@ def study_lock(storage: str, study_name: str) -> Iterator[None]:
     yield
 
 
+def _representable(dist: BaseDistribution, value: Any) -> bool:
+    try:
+        dist.to_internal_repr(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def _alive(worker: str) -> bool:
     host, _, pid = worker.rpartition(":")
     if host == "unknown":
@@ -132,7 +141,8 @@ def _tell(study: optuna.Study, trial, *args, **kwargs) -> None:
 
 class OptunaSweeper(Sweeper):
     def __init__(self, study_name, storage, direction, n_trials, n_jobs, max_failures, sampler,
-                 params, **_ignored):
+                 params, baseline_trial=True, **_ignored):
+        self.baseline_trial = bool(baseline_trial)
         self.study_name = study_name
         self.storage = storage
         self.direction = direction
@@ -194,6 +204,20 @@ class OptunaSweeper(Sweeper):
                     study.enqueue_trial(t.params, skip_if_exists=False)
                 log.info("trial %d: its worker %s died; failed and queued again", t.number, worker)
 
+    def _enqueue_baseline(self, study: optuna.Study, space: dict) -> None:
+        """Queue the configured values of the searched keys, unless a trial already has them."""
+        baseline = {}
+        for key, dist in space.items():
+            value = OmegaConf.select(self.config, key, default=None)
+            if isinstance(value, (DictConfig, type(None))) or not dist._contains(
+                    dist.to_internal_repr(value) if _representable(dist, value) else float("nan")):
+                return  # a group choice or a value outside the space: no baseline
+            baseline[key] = value
+        if any(t.params == baseline for t in study.get_trials(deepcopy=False)):
+            return
+        study.enqueue_trial(baseline)
+        log.info("queued the configured values as a baseline trial: %s", baseline)
+
     @staticmethod
     def _counts(study: optuna.Study) -> tuple[int, int]:
         """(trials that count toward n_trials, real failures)."""
@@ -206,6 +230,9 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         space, fixed = self._space(arguments)
         study = self._study(space)
+        if self.baseline_trial and space:
+            with study_lock(self.storage, self.study_name):
+                self._enqueue_baseline(study, space)
         log.info("study %s in %s: %d trials wanted, space %s", self.study_name, self.storage,
                  self.n_trials, sorted(space))
         while True:
