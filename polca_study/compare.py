@@ -38,26 +38,31 @@ COLUMNS = {
 }
 
 
-def job_label(run_dir: Path) -> str:
-    """The job's overrides (from Hydra's record), or its directory name."""
-    overrides = run_dir / ".hydra" / "overrides.yaml"
-    if overrides.exists():
-        items = OmegaConf.load(overrides)
-        swept = [str(o) for o in items
-                 if not str(o).startswith(("cache_dir", "hydra", "+sweep", "logger", "progress"))]
-        if swept:
-            return ", ".join(swept)
-    return run_dir.name
+def job_overrides(run_dir: Path) -> dict[str, str]:
+    """The job's command-line overrides, from Hydra's record."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    items = [str(o) for o in OmegaConf.load(path)] if path.exists() else []
+    return dict(o.split("=", 1) for o in items if "=" in o)
 
 
 def comparison_table(sweep_dir: Path) -> pd.DataFrame:
+    """One row per job; jobs are named by the overrides that differ between them."""
+    summaries = sorted(Path(sweep_dir).glob("*/summary.json"), key=lambda p: _job_number(p.parent))
+    overrides = [job_overrides(p.parent) for p in summaries]
+    keys = sorted({k for o in overrides for k in o})
+    varying = [k for k in keys if len({o.get(k) for o in overrides}) > 1] or keys
     rows = []
-    for summary in sorted(Path(sweep_dir).glob("*/summary.json")):
+    for summary, over in zip(summaries, overrides, strict=True):
         metrics = json.loads(summary.read_text())
-        row = {"job": job_label(summary.parent), "method": metrics.get("method")}
-        row.update({label: metrics.get(key) for key, label in COLUMNS.items()})
+        label = ", ".join(f"{k}={over[k]}" for k in varying if k in over) or summary.parent.name
+        row = {"job": label, "method": metrics.get("method")}
+        row.update({name: metrics.get(key) for key, name in COLUMNS.items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _job_number(run_dir: Path) -> tuple[int, str]:
+    return (int(run_dir.name), "") if run_dir.name.isdigit() else (1 << 30, run_dir.name)
 
 
 def write_comparison(sweep_dir: Path, logger_cfg: DictConfig | None = None) -> pd.DataFrame:
@@ -74,22 +79,16 @@ def write_comparison(sweep_dir: Path, logger_cfg: DictConfig | None = None) -> p
 
 
 def _log_wandb(table: pd.DataFrame, sweep_dir: Path, logger_cfg) -> None:
-    from polca_study.tracking import resolve_mode
+    from polca_study import tracking
 
-    mode = resolve_mode(logger_cfg.mode)
-    if mode == "disabled":
-        return
-    import wandb
-
-    run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity,
-                     group=logger_cfg.group or Path(sweep_dir).as_posix().replace("/", "_"),
-                     job_type="comparison", name=f"comparison-{Path(sweep_dir).name}",
-                     dir=str(sweep_dir), mode=mode, reinit="finish_previous",
-                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+    group = Path(sweep_dir).as_posix().replace("/", "_")
+    tracker = tracking.start(logger_cfg, {"sweep_dir": str(sweep_dir)}, Path(sweep_dir),
+                             group=group, job_type="comparison",
+                             name=f"comparison-{Path(sweep_dir).name}", tags=["comparison"])
     try:
-        run.log({"comparison": wandb.Table(dataframe=table.astype(str))})
+        tracker.table("comparison", table.astype(str))
     finally:
-        run.finish()
+        tracker.finish()
 
 
 class ComparisonCallback(Callback):

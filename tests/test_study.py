@@ -60,6 +60,10 @@ def test_multirun_over_clustering_reuses_cached_stages(tmp_path, tiny_overrides,
     assert second["cache_hits"] == {"train": True, "basis": True, "decompose": True}
     assert second["seconds"]["train"] < first["seconds"]["train"]
     cache = tmp_path / "cache"
+    table = pd.read_csv(sweep / "comparison.csv")  # written by the multirun callback
+    assert list(table.job) == ["cluster.min_cluster_size=5", "cluster.min_cluster_size=8"]
+    assert table["carry_recovery"].tolist() == [first["carry_recovery"], second["carry_recovery"]]
+    assert "| job" in (sweep / "comparison.md").read_text()
     assert len(list((cache / "train").glob("[!.]*"))) == 1
     assert len(list((cache / "decompose").glob("[!.]*"))) == 1
 

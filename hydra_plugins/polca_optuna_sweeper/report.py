@@ -4,7 +4,6 @@ PNG and YAML in the sweep directory and as a W&B run in the study's group."""
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -57,27 +56,21 @@ def _save(ax, path: Path) -> Path:
 
 
 def _log_wandb(study, result: dict, figures: dict, config: DictConfig) -> None:
+    """A W&B run in the study's group: the trials table, the figures, the best trial."""
     logger = config.get("logger")
     if logger is None:
         return
-    mode = logger.mode
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    if mode == "disabled":
-        return
-    import wandb
+    from polca_study import tracking
 
-    run = wandb.init(project=logger.project, entity=logger.entity,
-                     group=logger.group or study.study_name, job_type="study",
-                     name=f"{study.study_name}-summary", dir=str(config.hydra.sweep.dir),
-                     mode=mode, reinit="finish_previous",
-                     config={"study": study.study_name, "direction": study.direction.name},
-                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+    tracker = tracking.start(
+        logger, {"study": study.study_name, "direction": study.direction.name},
+        Path(config.hydra.sweep.dir), group=study.study_name, job_type="study",
+        name=f"{study.study_name}-summary", tags=["study"],
+    )
     try:
-        frame = study.trials_dataframe()
-        run.log({"trials": wandb.Table(dataframe=frame.astype(str))})
-        run.log({f"study/{k}": wandb.Image(str(p)) for k, p in figures.items()})
-        run.summary.update({k: v for k, v in result.items() if isinstance(v, (int, float, str))})
-        run.summary.update({"best_params": result.get("best_params", {})})
+        tracker.table("trials", study.trials_dataframe().astype(str))
+        tracker.images({f"study_{k}": p for k, p in figures.items()})
+        tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float, str))})
+        tracker.summary({"best_params": result.get("best_params", {})})
     finally:
-        run.finish()
+        tracker.finish()
