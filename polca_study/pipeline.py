@@ -88,7 +88,7 @@ def make_model(cfg: Config) -> Transformer:
 # ------------------------------------------------------------------------- stages
 
 
-def stage_train(cfg: Config, data: ArithmeticData, cache: StageCache, tracker, device, progress):
+def stage_train(cfg: Config, data: ArithmeticData, cache: StageCache, device, progress):
     spec = {"model": asdict(model_config(cfg)), "dataset": asdict(cfg.dataset),
             "train": asdict(cfg.train), "seed": cfg.seed}
     eval_split = data.eval_split()
@@ -279,7 +279,7 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
     labels = data.eval_split().labels
 
     with stage("train", timings, memory):
-        trained, train_key = stage_train(cfg, data, cache, tracker, device, progress)
+        trained, train_key = stage_train(cfg, data, cache, device, progress)
     _log_history(tracker, trained["history"], trained.get("train_loss"))
     with stage("basis", timings, memory):
         basis, basis_key = stage_basis(cfg, data, trained, train_key, cache, device, progress)
@@ -317,7 +317,7 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
         if cfg.save_trajectories:
             frame = trajectories_frame(traj, labels)
             write_atomic(run_dir / "trajectories.parquet", lambda p: frame.to_parquet(p, index=False))
-        np.save(run_dir / "assignments.npy", assign)
+        write_atomic(run_dir / "assignments.npy", lambda p: _save_npy(p, assign))
         figures = report.figures(run_dir, trained["history"], curves, assign, labels, table) \
             if cfg.figures else {}
         tracker.summary(_flat_summary(metrics))
@@ -348,6 +348,11 @@ def _log_history(tracker, history: pd.DataFrame, train_loss: pd.DataFrame | None
             data[f"eval_loss/{tag}"] = r.loss
             data[f"eval_accuracy/{tag}"] = r.accuracy
         tracker.log(data, step=int(step))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a name
+        np.save(f, array)
 
 
 def _flat_summary(metrics: dict) -> dict:
