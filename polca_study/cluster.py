@@ -7,7 +7,7 @@ Assignments use -1 for HDBSCAN outliers and -2 for tokens the paper's filter dro
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import hdbscan
 import numpy as np
@@ -17,19 +17,21 @@ GENERIC_MAX = 6000  # tokens up to which HDBSCAN uses its all-pairs algorithm
 
 
 @dataclass
-class ClusterSettings:
+class ClusterConfig:
+    """HDBSCAN and trajectory settings (the `cluster` config group)."""
+
     min_cluster_size: int = 50
     min_samples: float = 10  # a count (>= 1) or a fraction of the clustered tokens (< 1)
-    selection_method: str = "eom"
+    selection_method: str = "eom"  # eom | leaf
     metric: str = "euclidean"
-    normalize: str = "zscore"
-    feature: str = "increments"
-    window: tuple[int, int] = (0, -1)
-    grouping: str = "place"
-    filter_rising: bool = True
+    normalize: str = "zscore"  # none | zscore (per token) | final (divide by final value)
+    feature: str = "increments"  # cumulative | increments | window
+    window: list[int] = field(default_factory=lambda: [0, -1])  # step range for "window"
+    grouping: str = "place"  # none | place (cluster each digit place) | subtract_place
+    filter_rising: bool = True  # the paper's filter: drop tokens whose decomposed loss rises
 
 
-def features(curves: np.ndarray, s: ClusterSettings) -> np.ndarray:
+def features(curves: np.ndarray, s: ClusterConfig) -> np.ndarray:
     """What HDBSCAN sees of each token's curve (n, T): the curve itself ("cumulative"),
     its per-interval increments, or a window of it; then the normalisation."""
     if s.feature == "increments":
@@ -49,7 +51,7 @@ def features(curves: np.ndarray, s: ClusterSettings) -> np.ndarray:
     return x
 
 
-def _hdbscan(x: np.ndarray, s: ClusterSettings) -> np.ndarray:
+def _hdbscan(x: np.ndarray, s: ClusterConfig) -> np.ndarray:
     n = len(x)
     if n < max(s.min_cluster_size, 2):
         return np.full(n, OUTLIER)
@@ -69,7 +71,7 @@ def _hdbscan(x: np.ndarray, s: ClusterSettings) -> np.ndarray:
 
 
 def cluster_curves(
-    curves: np.ndarray, groups: np.ndarray, s: ClusterSettings, rises: np.ndarray | None = None
+    curves: np.ndarray, groups: np.ndarray, s: ClusterConfig, rises: np.ndarray | None = None
 ) -> np.ndarray:
     """Cluster one set of per-token curves (n, T); returns assignments (n,).
 
@@ -97,7 +99,7 @@ def cluster_curves(
 
 
 def cluster_all(
-    curves: np.ndarray, groups: np.ndarray, s: ClusterSettings, rises: np.ndarray | None = None
+    curves: np.ndarray, groups: np.ndarray, s: ClusterConfig, rises: np.ndarray | None = None
 ) -> np.ndarray:
     """Cluster each column of curves (n, T, m) apart: assignments (n, m)."""
     return np.stack(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from polca_study.cluster import ClusterConfig
 from polca_study.model import ModelConfig
 from polca_study.train import TrainConfig
 
@@ -53,19 +54,6 @@ class PolcaConfig:
     interval: int = 50  # steps between evaluation points
     second_order: str = "exact"  # none | exact | paper | path
     route: str = "auto"  # first-order route: auto | forward | reverse
-
-
-@dataclass
-class ClusterConfig:
-    min_cluster_size: int = 50
-    min_samples: float = 10  # a count (>= 1) or a fraction of the clustered tokens (< 1)
-    selection_method: str = "eom"  # eom | leaf
-    metric: str = "euclidean"
-    normalize: str = "zscore"  # none | zscore (per token) | final (divide by final value)
-    feature: str = "increments"  # cumulative | increments | window
-    window: list[int] = field(default_factory=lambda: [0, -1])  # step range for "window"
-    grouping: str = "place"  # none | place (cluster each digit place) | subtract_place
-    filter_rising: bool = True  # the paper's filter: drop tokens whose decomposed loss rises
 
 
 @dataclass

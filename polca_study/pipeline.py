@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from polca_study import tracking
 from polca_study.cache import StageCache
-from polca_study.cluster import ClusterSettings, cluster_all
+from polca_study.cluster import cluster_all
 from polca_study.config import Config, validate
-from polca_study.data.arithmetic import ArithmeticData, evaluate, token_loss
+from polca_study.data.arithmetic import ArithmeticData, Split, evaluate, token_loss
 from polca_study.methods import method_curves, rising_vectors
 from polca_study.model import ModelConfig, Transformer
 from polca_study.polca import ModuleLoss, build_basis, decompose_trajectory
@@ -88,10 +88,10 @@ def make_model(cfg: Config) -> Transformer:
 # ------------------------------------------------------------------------- stages
 
 
-def stage_train(cfg: Config, data: ArithmeticData, cache: StageCache, device, progress):
+def stage_train(cfg: Config, data: ArithmeticData, eval_split: Split, cache: StageCache, device,
+                progress):
     spec = {"model": asdict(model_config(cfg)), "dataset": asdict(cfg.dataset),
             "train": asdict(cfg.train), "seed": cfg.seed}
-    eval_split = data.eval_split()
 
     def compute():
         model = make_model(cfg)
@@ -144,7 +144,7 @@ def stage_basis(cfg: Config, data: ArithmeticData, trained: dict, train_key: str
     return cache.get_or_compute("basis", spec, compute)
 
 
-def stage_decompose(cfg: Config, data: ArithmeticData, trained: dict, vectors: torch.Tensor,
+def stage_decompose(cfg: Config, eval_split: Split, trained: dict, vectors: torch.Tensor,
                     parent_key: str, name: str, second_order: str, cache: StageCache, device,
                     progress):
     """POLCA of every evaluation token along `vectors` between evaluation points."""
@@ -154,7 +154,7 @@ def stage_decompose(cfg: Config, data: ArithmeticData, trained: dict, vectors: t
     def compute():
         steps, thetas = snapshots_at(trained, cfg.polca.interval, cfg.train.steps)
         model = make_model(cfg).to(device)
-        batch = {k: v.to(device) for k, v in data.eval_split().batch().items()}
+        batch = {k: v.to(device) for k, v in eval_split.batch().items()}
         loss = ModuleLoss(model, batch, token_loss)
         traj = decompose_trajectory(loss, [t.to(device) for t in thetas], vectors.to(device),
                                     second_order, route=cfg.polca.route, progress=progress)
@@ -183,9 +183,8 @@ def analyse(cfg: Config, method: str, traj: dict, labels: pd.DataFrame, lca: dic
         if dropped:
             log.info("dropped %d basis vectors whose mean projected loss rises: %s",
                      len(dropped), dropped)
-    settings = ClusterSettings(**{**asdict(cfg.cluster), "window": tuple(cfg.cluster.window)})
     groups = labels["place"].astype(str).to_numpy()
-    assign = cluster_all(curves.curves[:, :, keep], groups, settings, curves.rises[:, keep])
+    assign = cluster_all(curves.curves[:, :, keep], groups, cfg.cluster, curves.rises[:, keep])
     table = cluster_table(assign, labels, cfg.score.homogeneity_threshold)
     table["vector"] = keep[table["vector"].to_numpy()] if len(table) else table["vector"]
     s = cfg.score
@@ -276,22 +275,23 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
     write_atomic(run_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(raw, resolve=True)))
     data = ArithmeticData(cfg.dataset.eval_size, cfg.dataset.hessian_size, cfg.dataset.carry_rate,
                           cfg.dataset.seed)
-    labels = data.eval_split().labels
+    eval_split = data.eval_split()
+    labels = eval_split.labels
 
     with stage("train", timings, memory):
-        trained, train_key = stage_train(cfg, data, cache, device, progress)
+        trained, train_key = stage_train(cfg, data, eval_split, cache, device, progress)
     _log_history(tracker, trained["history"], trained.get("train_loss"))
     with stage("basis", timings, memory):
         basis, basis_key = stage_basis(cfg, data, trained, train_key, cache, device, progress)
     with stage("decompose", timings, memory):
-        traj, _ = stage_decompose(cfg, data, trained, basis["vectors"], basis_key, "decompose",
+        traj, _ = stage_decompose(cfg, eval_split, trained, basis["vectors"], basis_key, "decompose",
                                   cfg.polca.second_order, cache, device, progress)
         lca = None
         if cfg.method.name == "lca":
             params = lca_parameters(trained)
             unit = torch.zeros(trained["snapshots"].shape[1], len(params))
             unit[params, torch.arange(len(params))] = 1.0
-            lca, _ = stage_decompose(cfg, data, trained, unit, f"{train_key}/lca", "trajectories",
+            lca, _ = stage_decompose(cfg, eval_split, trained, unit, f"{train_key}/lca", "trajectories",
                                      "none", cache, device, progress)
             lca = {**lca, "parameters": params}
     with stage("cluster+score", timings, memory):

@@ -32,10 +32,6 @@ class Tracker:
     def active(self) -> bool:
         return self.run is not None
 
-    @property
-    def dir(self) -> Path | None:
-        return Path(self.run.dir).parent if self.run is not None else None
-
     def log(self, data: dict[str, Any], step: int | None = None) -> None:
         if self.run is not None:
             self.run.log(data, step=step)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from polca_study.cluster import ClusterSettings, cluster_curves
+from polca_study.cluster import ClusterConfig, cluster_curves
 from polca_study.data.arithmetic import encode
 from polca_study.score import (
     breakthrough_time,
@@ -82,7 +82,7 @@ def test_hdbscan_recovers_planted_groups_and_filters_rising_tokens():
     rising = -late[:20]
     curves = np.vstack([early, late, rising])
     rises = curves[:, -1] > 0
-    s = ClusterSettings(min_cluster_size=20, min_samples=5, normalize="none",
+    s = ClusterConfig(min_cluster_size=20, min_samples=5, normalize="none",
                         feature="cumulative", grouping="none")
     assign = cluster_curves(curves, np.zeros(len(curves)), s, rises)
     assert (assign[160:] == -2).all()

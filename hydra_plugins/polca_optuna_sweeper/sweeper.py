@@ -106,12 +106,15 @@ def study_lock(storage: str, study_name: str) -> Iterator[None]:
     yield
 
 
-def _representable(dist: BaseDistribution, value: Any) -> bool:
-    try:
-        dist.to_internal_repr(value)
-    except (ValueError, TypeError):
+def _in_space(dist: BaseDistribution, value: Any) -> bool:
+    """Whether a configured value is a point of the search space."""
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return True
+    on_step = dist.step is None or math.isclose((value - dist.low) / dist.step,
+                                                round((value - dist.low) / dist.step))
+    return dist.low <= value <= dist.high and on_step
 
 
 def _alive(worker: str) -> bool:
@@ -209,8 +212,7 @@ class OptunaSweeper(Sweeper):
         baseline = {}
         for key, dist in space.items():
             value = OmegaConf.select(self.config, key, default=None)
-            if isinstance(value, (DictConfig, type(None))) or not dist._contains(
-                    dist.to_internal_repr(value) if _representable(dist, value) else float("nan")):
+            if not _in_space(dist, value):
                 return  # a group choice or a value outside the space: no baseline
             baseline[key] = value
         if any(t.params == baseline for t in study.get_trials(deepcopy=False)):
