@@ -4,7 +4,10 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on this kind of machine's disk; GPU users: `make TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test lint bench clean-cache
+# The offline text corpus (Jane Austen, from Debian's r-cran-janeaustenr package).
+DATA_DIR ?= $(or $(POLCA_DATA_DIR),data)
+
+.PHONY: install corpus run test lint bench clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,10 +19,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-run: install
+$(DATA_DIR)/austen/SOURCE: | $(VENV)/.installed
+	$(PY) -m polca_study.data.corpus --data-dir $(DATA_DIR)
+
+corpus: $(DATA_DIR)/austen/SOURCE
+
+run: install corpus
 	$(VENV)/bin/polca-study $(ARGS)
 
-test: install
+test: install corpus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -14,7 +14,6 @@ from omegaconf import DictConfig
 from polca_study.config import register
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-OBJECTIVE = "carry_recovery"
 log = logging.getLogger("polca_study")
 
 register()
@@ -40,12 +39,13 @@ def main(cfg: DictConfig) -> float:
 
     info = job_info()
     metrics = run(cfg, info.pop("run_dir"), info)
-    value = metrics.get(OBJECTIVE)
+    objective = metrics["objective"]  # the dataset's: carry_recovery or simply_labelled_fraction
+    value = metrics.get(objective)
     if metrics.get("clusters", 0) == 0:
         raise RuntimeError(f"no clusters were found (method {metrics.get('method')}); "
                            "loosen cluster.min_cluster_size or cluster.min_samples")
     if value is None or not math.isfinite(value):
-        raise RuntimeError(f"the run produced no finite {OBJECTIVE}: {value!r}")
+        raise RuntimeError(f"the run produced no finite {objective}: {value!r}")
     return float(value)
 
 

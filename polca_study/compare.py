@@ -32,6 +32,10 @@ COLUMNS = {
     "carry_recovery": "carry_recovery",
     "null_carry_recovery_pvalue": "recovery p",
     "probe_auc": "probe AUC",
+    "simply_labelled_fraction": "simply labelled frac.",
+    "null_simply_labelled_fraction_mean": "simple null mean",
+    "simply_labelled_p": "simple p",
+    "simply_labelled_clusters": "simple clusters",
     "hidden_breakthrough_fraction": "hidden BT frac.",
     "coverage": "coverage",
     "clusters": "clusters",
@@ -58,7 +62,7 @@ def comparison_table(sweep_dir: Path) -> pd.DataFrame:
         row = {"job": label, "method": metrics.get("method")}
         row.update({name: metrics.get(key) for key, name in COLUMNS.items()})
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).dropna(axis=1, how="all")  # arithmetic or text columns only
 
 
 def _job_number(run_dir: Path) -> tuple[int, str]:

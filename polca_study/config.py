@@ -8,11 +8,15 @@ its error with what is allowed) before any work starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from polca_study.cluster import ClusterConfig
+from polca_study.data.corpus import SOURCES
+from polca_study.data.tagging import TAGGERS
+from polca_study.data.text import TextConfig
 from polca_study.model import ModelConfig
 from polca_study.train import TrainConfig
 
@@ -29,8 +33,13 @@ LOGGER_MODES = ("auto", "offline", "online", "disabled")
 STAGES = ("train", "basis", "decompose")
 
 
+DATASETS = ("arithmetic", "text")
+
+
 @dataclass
-class DatasetConfig:
+class ArithmeticConfig:
+    """The `dataset` group for 3-digit addition (`dataset=arithmetic`)."""
+
     name: str = "arithmetic"
     eval_size: int = 1250  # evaluation examples (4 output tokens each)
     hessian_size: int = 1250  # training examples in the Hessian sample
@@ -68,6 +77,9 @@ class ScoreConfig:
     breakthrough_delta: int = 100  # Δ in steps for the maximum-acceleration time
     hidden_after: int = 1000  # τ: a breakthrough later than this is hidden
     probe: bool = True  # the supervised carry probe (cross-validated AUC)
+    label_coverage: float = 0.7  # text: a cluster's label covers this share of its tokens
+    simple_max_tags: int = 2  # text: simply labelled when no position needs more tags
+    contexts: int = 10  # text: contexts shown per cluster, nearest its medoid
 
 
 @dataclass
@@ -83,7 +95,7 @@ class LoggerConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataset: Any = MISSING  # ArithmeticConfig or TextConfig, typed by the group option
     train: TrainConfig = field(default_factory=TrainConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
     polca: PolcaConfig = field(default_factory=PolcaConfig)
@@ -104,6 +116,8 @@ class Config:
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    cs.store(group="dataset", name="arithmetic_schema", node=ArithmeticConfig)
+    cs.store(group="dataset", name="text_schema", node=TextConfig)
 
 
 def _choice(path: str, value: object, allowed: tuple) -> None:
@@ -116,14 +130,39 @@ def _at_least(path: str, value: float, low: float) -> None:
         raise ValueError(f"{path} must be >= {low}, got {value!r}")
 
 
+def _validate_dataset(d) -> None:
+    _choice("dataset.name", getattr(d, "name", None), DATASETS)
+    _at_least("dataset.hessian_size", d.hessian_size, 1)
+    if isinstance(d, ArithmeticConfig):
+        _at_least("dataset.eval_size", d.eval_size, 1)
+        if d.carry_rate is not None and not 0 <= d.carry_rate <= 1:
+            raise ValueError(f"dataset.carry_rate must be in [0, 1] or null, got {d.carry_rate}")
+        return
+    if not isinstance(d, TextConfig):
+        raise ValueError(f"dataset.name={d.name!r} needs the dataset group's schema: use dataset={d.name}")
+    _choice("dataset.source", d.source, SOURCES)
+    _choice("dataset.tagger", d.tagger, TAGGERS)
+    if d.source == "files" and not d.files:
+        raise ValueError("dataset.files must list text files (paths or globs) for dataset.source=files")
+    if d.source == "huggingface" and not d.hf_name:
+        raise ValueError("dataset.hf_name must name a Hugging Face dataset for dataset.source=huggingface")
+    if not 0 < d.val_fraction < 1:
+        raise ValueError(f"dataset.val_fraction must be in (0, 1), got {d.val_fraction}")
+    _at_least("dataset.vocab_size", d.vocab_size, 260)  # 256 bytes, the end-of-text token, merges
+    _at_least("dataset.n_ctx", d.n_ctx, 2)
+    _at_least("dataset.eval_tokens", d.eval_tokens, 1)
+    _at_least("dataset.eval_positions", d.eval_positions, 1)
+    if d.eval_positions > d.n_ctx - d.n_ctx // 2:
+        raise ValueError(f"dataset.eval_positions must be <= n_ctx/2 (targets come from the second "
+                         f"half of each context), got {d.eval_positions} with n_ctx={d.n_ctx}")
+    if d.max_chars is not None:
+        _at_least("dataset.max_chars", d.max_chars, 1)
+
+
 def validate(cfg: DictConfig) -> Config:
     """Check every value a run depends on; return the typed config. Raises ValueError."""
     obj: Config = OmegaConf.to_object(cfg)  # runs ModelConfig.__post_init__ checks
-    _choice("dataset.name", obj.dataset.name, ("arithmetic",))
-    _at_least("dataset.eval_size", obj.dataset.eval_size, 1)
-    _at_least("dataset.hessian_size", obj.dataset.hessian_size, 1)
-    if obj.dataset.carry_rate is not None and not 0 <= obj.dataset.carry_rate <= 1:
-        raise ValueError(f"dataset.carry_rate must be in [0, 1] or null, got {obj.dataset.carry_rate}")
+    _validate_dataset(obj.dataset)
     t = obj.train
     for name in ("steps", "batch_size", "checkpoint_every"):
         _at_least(f"train.{name}", getattr(t, name), 1)
@@ -161,6 +200,10 @@ def validate(cfg: DictConfig) -> Config:
         raise ValueError("score.homogeneity_threshold must be in [0.5, 1]")
     _at_least("score.permutations", obj.score.permutations, 0)
     _at_least("score.breakthrough_delta", obj.score.breakthrough_delta, 1)
+    if not 0 < obj.score.label_coverage <= 1:
+        raise ValueError(f"score.label_coverage must be in (0, 1], got {obj.score.label_coverage}")
+    _at_least("score.simple_max_tags", obj.score.simple_max_tags, 1)
+    _at_least("score.contexts", obj.score.contexts, 1)
     _choice("logger.mode", obj.logger.mode, LOGGER_MODES)
     for stage in obj.force:
         _choice("force[]", stage, STAGES + ("all",))

@@ -24,9 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from polca_study import tracking
 from polca_study.cache import StageCache
-from polca_study.cluster import cluster_all
+from polca_study.cluster import cluster_all, features
+from polca_study.cluster_labels import (
+    cluster_contexts,
+    simply_labelled_fraction,
+    simply_labelled_null,
+    text_cluster_table,
+)
 from polca_study.config import Config, validate
-from polca_study.data.arithmetic import ArithmeticData, Split, evaluate, token_loss
 from polca_study.methods import method_curves, rising_vectors
 from polca_study.model import ModelConfig, Transformer
 from polca_study.polca import ModuleLoss, build_basis, decompose_trajectory
@@ -39,6 +44,7 @@ from polca_study.score import (
     permutation_null,
     top_homogeneity,
 )
+from polca_study.task import Task, make_task
 from polca_study.train import train
 
 log = logging.getLogger("polca_study")
@@ -75,30 +81,33 @@ def write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def model_config(cfg: Config) -> ModelConfig:
-    m = cfg.model
-    return replace(m, n_ctx=m.n_ctx or 11, d_vocab=m.d_vocab or 12)
+def model_config(cfg: Config, task: Task) -> ModelConfig:
+    """The model's config with the sizes left to the dataset (null) filled in."""
+    m = replace(cfg.model, n_ctx=cfg.model.n_ctx or task.n_ctx, d_vocab=cfg.model.d_vocab or task.d_vocab)
+    if m.n_ctx < task.n_ctx or m.d_vocab < task.d_vocab:
+        raise ValueError(f"model.n_ctx={m.n_ctx} and model.d_vocab={m.d_vocab} must be at least the "
+                         f"dataset's {task.n_ctx} and {task.d_vocab} (null: take the dataset's)")
+    return m
 
 
-def make_model(cfg: Config) -> Transformer:
+def make_model(cfg: Config, task: Task) -> Transformer:
     torch.manual_seed(cfg.seed)
-    return Transformer(model_config(cfg))
+    return Transformer(model_config(cfg, task))
 
 
 # ------------------------------------------------------------------------- stages
 
 
-def stage_train(cfg: Config, data: ArithmeticData, eval_split: Split, cache: StageCache, device,
-                progress):
-    spec = {"model": asdict(model_config(cfg)), "dataset": asdict(cfg.dataset),
+def stage_train(cfg: Config, task: Task, cache: StageCache, device, progress):
+    spec = {"model": asdict(model_config(cfg, task)), "dataset": task.spec,
             "train": asdict(cfg.train), "seed": cfg.seed}
 
     def compute():
-        model = make_model(cfg)
+        model = make_model(cfg, task)
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = True
-        result = train(model, data.train_batches(cfg.train.batch_size, cfg.seed), cfg.train,
-                       token_loss, lambda m: evaluate(m, eval_split), device=device,
+        result = train(model, task.train_batches(cfg.train.batch_size, cfg.seed), cfg.train,
+                       task.token_loss, lambda m: task.evaluate(m, task.eval_split), device=device,
                        progress=progress)
         return {"steps": result.steps, "snapshots": result.snapshots, "history": result.history,
                 "train_loss": result.train_loss, "seconds": result.seconds}
@@ -112,8 +121,8 @@ def snapshots_at(trained: dict, every: int, steps: int) -> tuple[np.ndarray, lis
     return wanted, [trained["snapshots"][index[int(s)]] for s in wanted]
 
 
-def stage_basis(cfg: Config, data: ArithmeticData, trained: dict, train_key: str,
-                cache: StageCache, device, progress):
+def stage_basis(cfg: Config, task: Task, trained: dict, train_key: str, cache: StageCache, device,
+                progress):
     b = cfg.basis
     spec = {"train": train_key, "kind": b.kind, "k": b.k, "interval": b.interval,
             "tol": b.tol, "maxiter": b.maxiter, "seed": b.seed}
@@ -131,10 +140,9 @@ def stage_basis(cfg: Config, data: ArithmeticData, trained: dict, train_key: str
         order = np.arange(len(thetas))
         if b.kind == "shuffled":
             order = np.random.default_rng(b.seed).permutation(len(thetas))
-        model = make_model(cfg).to(device)
-        hessian = data.hessian_split()
-        batch = {k: v.to(device) for k, v in hessian.batch().items()}
-        loss = ModuleLoss(model, batch, token_loss)
+        model = make_model(cfg, task).to(device)
+        batch = {k: v.to(device) for k, v in task.hessian_split().batch().items()}
+        loss = ModuleLoss(model, batch, task.token_loss)
         basis = build_basis(lambda th: loss(th).sum(), [thetas[i].to(device) for i in order],
                             b.k, tol=b.tol, maxiter=b.maxiter, seed=b.seed, progress=progress)
         return {"vectors": basis.vectors.cpu(), "eigenvalues": basis.eigenvalues.cpu(),
@@ -144,7 +152,7 @@ def stage_basis(cfg: Config, data: ArithmeticData, trained: dict, train_key: str
     return cache.get_or_compute("basis", spec, compute)
 
 
-def stage_decompose(cfg: Config, eval_split: Split, trained: dict, vectors: torch.Tensor,
+def stage_decompose(cfg: Config, task: Task, trained: dict, vectors: torch.Tensor,
                     parent_key: str, name: str, second_order: str, cache: StageCache, device,
                     progress):
     """POLCA of every evaluation token along `vectors` between evaluation points."""
@@ -153,9 +161,9 @@ def stage_decompose(cfg: Config, eval_split: Split, trained: dict, vectors: torc
 
     def compute():
         steps, thetas = snapshots_at(trained, cfg.polca.interval, cfg.train.steps)
-        model = make_model(cfg).to(device)
-        batch = {k: v.to(device) for k, v in eval_split.batch().items()}
-        loss = ModuleLoss(model, batch, token_loss)
+        model = make_model(cfg, task).to(device)
+        batch = {k: v.to(device) for k, v in task.eval_split.batch().items()}
+        loss = ModuleLoss(model, batch, task.token_loss)
         traj = decompose_trajectory(loss, [t.to(device) for t in thetas], vectors.to(device),
                                     second_order, route=cfg.polca.route, progress=progress)
         out = {k: (v.cpu().numpy() if v is not None else None) for k, v in vars(traj).items()}
@@ -172,8 +180,10 @@ def lca_parameters(trained: dict, count: int = 50) -> np.ndarray:
 # ---------------------------------------------------------------------- analysis
 
 
-def analyse(cfg: Config, method: str, traj: dict, labels: pd.DataFrame, lca: dict | None):
-    """Cluster one method's curves and score them. Returns (metrics, tables, curves)."""
+def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
+    """Cluster one method's curves and score them. Returns (metrics, tables, curves):
+    tables holds "clusters" (one row per cluster), and for text "contexts"."""
+    labels = task.eval_split.labels
     curves = method_curves(method, traj, lca)
     dropped: list[int] = []
     keep = np.arange(curves.curves.shape[2])
@@ -183,38 +193,79 @@ def analyse(cfg: Config, method: str, traj: dict, labels: pd.DataFrame, lca: dic
         if dropped:
             log.info("dropped %d basis vectors whose mean projected loss rises: %s",
                      len(dropped), dropped)
-    groups = labels["place"].astype(str).to_numpy()
-    assign = cluster_all(curves.curves[:, :, keep], groups, cfg.cluster, curves.rises[:, keep])
-    table = cluster_table(assign, labels, cfg.score.homogeneity_threshold)
-    table["vector"] = keep[table["vector"].to_numpy()] if len(table) else table["vector"]
+    kept = curves.curves[:, :, keep]
+    assign = cluster_all(kept, task.groups, cfg.cluster, curves.rises[:, keep])
     s = cfg.score
-    breakthroughs = cluster_breakthroughs(assign, curves.curves[:, :, keep], curves.steps,
-                                          s.breakthrough_delta, s.hidden_after)
-    if len(breakthroughs):
-        breakthroughs["vector"] = keep[breakthroughs["vector"].to_numpy()]
+    if task.name == "arithmetic":
+        table, metrics = score_arithmetic(cfg, assign, kept, labels)
+        tables = {}
+    else:
+        table, metrics, contexts = score_text(cfg, assign, kept, labels, columns=curves.curves.shape[2])
+        contexts["vector"] = keep[contexts["vector"].to_numpy()] if len(contexts) else contexts["vector"]
+        tables = {"contexts": contexts}
+    breakthroughs = cluster_breakthroughs(assign, kept, curves.steps, s.breakthrough_delta, s.hidden_after)
+    for frame in (table, breakthroughs):
+        if len(frame):
+            frame["vector"] = keep[frame["vector"].to_numpy()]
     table = table.merge(breakthroughs, on=["vector", "cluster"], how="left")
-    metrics: dict = {
+    tables["clusters"] = table
+    metrics = {
         "method": method,
+        "dataset": task.name,
         "vectors": int(curves.curves.shape[2]),
         "vectors_dropped": dropped,
         "clusters": int(len(table)),
+        **metrics,
+        "hidden_breakthrough_fraction": float(table["hidden"].mean()) if len(table) else 0.0,
+    }
+    metrics["objective"] = task.objective
+    full = np.zeros((len(labels), curves.curves.shape[2]), dtype=int) - 2
+    full[:, keep] = assign
+    return metrics, tables, full, curves
+
+
+def score_arithmetic(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.DataFrame):
+    """Carry, place and value scores of the clusters against the known skills."""
+    s = cfg.score
+    table = cluster_table(assign, labels, s.homogeneity_threshold)
+    metrics: dict = {
         "carry_recovery": carry_recovery(table),
         "top_carry": top_homogeneity(table, "carry"),
         "top_place": top_homogeneity(table, "place"),
         "top_value": top_homogeneity(table, "value"),
-        "hidden_breakthrough_fraction": float(table["hidden"].mean()) if len(table) else 0.0,
     }
     metrics.update(ami_and_coverage(assign, labels))
     if s.probe:
-        metrics["probe_auc"] = carry_probe_auc(curves.curves[:, :, keep], labels, seed=cfg.seed)
+        metrics["probe_auc"] = carry_probe_auc(curves, labels, seed=cfg.seed)
     metrics.update({f"null_{k}": v for k, v in permutation_null(
         assign, labels, s.permutations, s.homogeneity_threshold, cfg.seed).items()})
     for i, row in enumerate(metrics["top_carry"][:3]):
         for key in ("carry_homogeneity", "carry_recall", "carry_f1"):
             metrics[f"carry_top{i + 1}_{key}"] = float(row[key])
-    full = np.zeros((len(labels), curves.curves.shape[2]), dtype=int) - 2
-    full[:, keep] = assign
-    return metrics, table, full, curves
+    return table, metrics
+
+
+def score_text(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.DataFrame, columns: int):
+    """Automatic part-of-speech labels of the clusters, their nearest contexts, and the
+    share of basis vectors with a simply-labelled cluster (against a permutation null)."""
+    s = cfg.score
+    table = text_cluster_table(assign, labels, s.label_coverage, s.simple_max_tags)
+    fraction = simply_labelled_fraction(table, columns)
+    metrics: dict = {
+        "simply_labelled_fraction": fraction,
+        "simply_labelled_clusters": int(table.simply_labelled.sum()) if len(table) else 0,
+    }
+    metrics.update(ami_and_coverage(assign, labels, skills=("tag_w0",)))
+    null = simply_labelled_null(assign, labels, s.permutations, s.label_coverage, s.simple_max_tags,
+                                cfg.seed)
+    if null:  # the null's denominator counts only clustered columns; rescale to all columns
+        values = null["values"] * assign.shape[1] / max(columns, 1)
+        metrics["null_simply_labelled_fraction_mean"] = float(values.mean())
+        metrics["null_simply_labelled_fraction_p95"] = float(np.quantile(values, 0.95))
+        metrics["simply_labelled_p"] = float((1 + (values >= fraction).sum()) / (1 + len(values)))
+    contexts = cluster_contexts(assign, lambda j: features(curves[:, :, j], cfg.cluster), labels, table,
+                                s.contexts)
+    return table, metrics, contexts
 
 
 def approximation_error(traj: dict) -> dict[str, float]:
@@ -233,6 +284,8 @@ def trajectories_frame(traj: dict, labels: pd.DataFrame, first: str = "polca") -
     change and POLCA per basis vector."""
     n, T, m = traj[first].shape
     steps = traj["steps"]
+    # contexts stay in contexts.csv; a text token's string is "token_text"
+    labels = labels.drop(columns=["context"], errors="ignore").rename(columns={"token": "token_text"})
     frame = labels.loc[np.repeat(np.arange(n), T)].reset_index(names="token")
     frame["step"] = np.tile(steps[1:], n)
     frame["loss"] = traj["losses"][:, 1:].reshape(-1)
@@ -273,29 +326,28 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
     memory: dict[str, float] = {}
     progress = cfg.progress
     write_atomic(run_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(raw, resolve=True)))
-    data = ArithmeticData(cfg.dataset.eval_size, cfg.dataset.hessian_size, cfg.dataset.carry_rate,
-                          cfg.dataset.seed)
-    eval_split = data.eval_split()
-    labels = eval_split.labels
-
+    with stage("data", timings, memory):
+        task = make_task(cfg.dataset, cache)
+    labels = task.eval_split.labels
     with stage("train", timings, memory):
-        trained, train_key = stage_train(cfg, data, eval_split, cache, device, progress)
+        trained, train_key = stage_train(cfg, task, cache, device, progress)
     _log_history(tracker, trained["history"], trained.get("train_loss"))
     with stage("basis", timings, memory):
-        basis, basis_key = stage_basis(cfg, data, trained, train_key, cache, device, progress)
+        basis, basis_key = stage_basis(cfg, task, trained, train_key, cache, device, progress)
     with stage("decompose", timings, memory):
-        traj, _ = stage_decompose(cfg, eval_split, trained, basis["vectors"], basis_key, "decompose",
+        traj, _ = stage_decompose(cfg, task, trained, basis["vectors"], basis_key, "decompose",
                                   cfg.polca.second_order, cache, device, progress)
         lca = None
         if cfg.method.name == "lca":
             params = lca_parameters(trained)
             unit = torch.zeros(trained["snapshots"].shape[1], len(params))
             unit[params, torch.arange(len(params))] = 1.0
-            lca, _ = stage_decompose(cfg, eval_split, trained, unit, f"{train_key}/lca", "trajectories",
+            lca, _ = stage_decompose(cfg, task, trained, unit, f"{train_key}/lca", "trajectories",
                                      "none", cache, device, progress)
             lca = {**lca, "parameters": params}
     with stage("cluster+score", timings, memory):
-        metrics, table, assign, curves = analyse(cfg, cfg.method.name, traj, labels, lca)
+        metrics, tables, assign, curves = analyse(cfg, task, cfg.method.name, traj, lca)
+    table = tables["clusters"]
     metrics.update(approximation_error(traj))
     final_acc = trained["history"][trained["history"].step == trained["history"].step.max()]
     metrics.update({
@@ -318,22 +370,36 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
             frame = trajectories_frame(traj, labels)
             write_atomic(run_dir / "trajectories.parquet", lambda p: frame.to_parquet(p, index=False))
         write_atomic(run_dir / "assignments.npy", lambda p: _save_npy(p, assign))
-        figures = report.figures(run_dir, trained["history"], curves, assign, labels, table) \
-            if cfg.figures else {}
+        if task.name == "text":
+            contexts = tables["contexts"]
+            write_atomic(run_dir / "contexts.csv", lambda p: contexts.to_csv(p, index=False))
+            markdown = report.text_clusters_markdown(metrics, table, contexts)
+            write_atomic(run_dir / "clusters.md", lambda p: p.write_text(markdown))
+            tracker.table("cluster_contexts", report.contexts_table(table, contexts))
+        figures = report.figures(run_dir, task.name, trained["history"], curves, assign, labels,
+                                 table) if cfg.figures else {}
         tracker.summary(_flat_summary(metrics))
         tracker.images(figures)
         tracker.table("clusters", table)
         if cfg.logger.log_artifacts and cfg.save_trajectories:
             tracker.artifact(f"trajectories-{cfg.method.name}", "trajectories",
                              [run_dir / "trajectories.parquet", run_dir / "clusters.csv"])
-    log.info("carry_recovery %.3f, top carry homogeneity %s, coverage %.2f",
-             metrics["carry_recovery"],
-             [round(r["carry_homogeneity"], 3) for r in metrics["top_carry"]], metrics["coverage"])
+    if task.name == "arithmetic":
+        log.info("carry_recovery %.3f, top carry homogeneity %s, coverage %.2f",
+                 metrics["carry_recovery"],
+                 [round(r["carry_homogeneity"], 3) for r in metrics["top_carry"]], metrics["coverage"])
+    else:
+        log.info("simply-labelled fraction %.3f (null mean %.3f), %d of %d clusters simply labelled, "
+                 "coverage %.2f; labels and contexts in %s", metrics["simply_labelled_fraction"],
+                 metrics.get("null_simply_labelled_fraction_mean", float("nan")),
+                 metrics["simply_labelled_clusters"], metrics["clusters"], metrics["coverage"],
+                 run_dir / "clusters.md")
     return metrics
 
 
 def _log_history(tracker, history: pd.DataFrame, train_loss: pd.DataFrame | None) -> None:
-    """Training loss, and evaluation loss and accuracy overall and per place and carry."""
+    """Training loss, and evaluation loss and accuracy overall and per group (arithmetic:
+    place and carry; text: the tag of the target's word)."""
     if not tracker.active:
         return
     train = {} if train_loss is None else dict(zip(train_loss.step, train_loss.loss, strict=True))
@@ -344,7 +410,7 @@ def _log_history(tracker, history: pd.DataFrame, train_loss: pd.DataFrame | None
         if step in train:
             data["train/loss"] = train[step]
         for r in rows.itertuples():
-            tag = f"{r.place}_{'carry' if r.carry else 'nocarry'}"
+            tag = r.tag if "tag" in rows else f"{r.place}_{'carry' if r.carry else 'nocarry'}"
             data[f"eval_loss/{tag}"] = r.loss
             data[f"eval_accuracy/{tag}"] = r.accuracy
         tracker.log(data, step=int(step))

@@ -14,10 +14,12 @@ import pandas as pd  # noqa: E402
 PLACE_COLORS = {"1000s": "tab:purple", "100s": "tab:blue", "10s": "tab:orange", "1s": "tab:green"}
 
 
-def figures(run_dir: Path, history: pd.DataFrame, curves, assign: np.ndarray,
+def figures(run_dir: Path, task: str, history: pd.DataFrame, curves, assign: np.ndarray,
             labels: pd.DataFrame, table: pd.DataFrame) -> dict[str, Path]:
     out_dir = Path(run_dir) / "figures"
     out_dir.mkdir(exist_ok=True)
+    if task == "text":
+        return text_figures(out_dir, history, curves, assign, labels, table)
     paths = {
         "learning_curves": learning_curves(history, table, out_dir / "learning_curves.png"),
     }
@@ -96,3 +98,100 @@ def skill_composition(assign, labels, table, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- text
+
+
+def text_figures(out_dir: Path, history, curves, assign, labels, table) -> dict[str, Path]:
+    paths = {"learning_curves": text_learning_curves(history, table, out_dir / "learning_curves.png")}
+    if len(table):
+        rows = _labelled_rows(table)
+        paths["top_clusters"] = _cluster_curves(curves, assign, rows, out_dir / "top_clusters.png",
+                                                lambda r: f"{r.label}\n{r.tag} {r.tag_share:.2f}")
+    return paths
+
+
+def _labelled_rows(table: pd.DataFrame, n: int = 6) -> pd.DataFrame:
+    return table.sort_values(["simply_labelled", "tag_share", "size"], ascending=False).head(n)
+
+
+def text_learning_curves(history: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path:
+    """Evaluation loss by the tag of the target's word, and the aggregate loss with cluster
+    breakthrough times marked."""
+    fig, (ax_tag, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for tag, rows in history.groupby("tag"):
+        ax_tag.plot(rows.step, rows.loss, label=str(tag))
+    ax_tag.set(xlabel="step", ylabel="loss", title="evaluation loss by word tag")
+    ax_tag.legend(fontsize=6, ncol=2)
+    agg = history.groupby("step").apply(lambda r: np.average(r.loss, weights=r.tokens),
+                                        include_groups=False)
+    ax_loss.plot(agg.index, agg.values, color="black")
+    for t in table.get("breakthrough_step", pd.Series(dtype=float)).dropna():
+        ax_loss.axvline(t, color="tab:red", alpha=0.15)
+    ax_loss.set(xlabel="step", ylabel="loss", title="aggregate loss, cluster breakthroughs (red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _cluster_curves(curves, assign, rows: pd.DataFrame, path: Path, title) -> Path:
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3), squeeze=False)
+    for ax, r in zip(axes[0], rows.itertuples(), strict=False):
+        c = curves.curves[assign[:, r.vector] == r.cluster, :, r.vector]
+        q1, med, q3 = np.percentile(c, [25, 50, 75], axis=0)
+        ax.plot(curves.steps, med, color="tab:blue")
+        ax.fill_between(curves.steps, q1, q3, color="tab:blue", alpha=0.3)
+        ax.set_title(f"{curves.columns[r.vector]} c{r.cluster} n={r.size}\n{title(r)}", fontsize=7)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def contexts_table(table: pd.DataFrame, contexts: pd.DataFrame) -> pd.DataFrame:
+    """Contexts nearest each cluster's medoid with the cluster's label (a W&B table)."""
+    from polca_study.cluster_labels import show_context
+
+    out = contexts.merge(table[["vector", "cluster", "label", "simply_labelled"]], on=["vector", "cluster"])
+    out["shown"] = [show_context(c, t) for c, t in zip(out.context, out.token, strict=True)]
+    return out[["vector", "cluster", "label", "simply_labelled", "rank", "token", "shown"]]
+
+
+def text_clusters_markdown(metrics: dict, table: pd.DataFrame, contexts: pd.DataFrame) -> str:
+    """clusters.md: every cluster's automatic label, top tokens, breakthrough and the
+    contexts nearest its medoid (target token in ⟦brackets⟧), simply-labelled first."""
+    from polca_study.cluster_labels import show_context
+
+    lines = [
+        f"# Clusters of {metrics['method']} on text",
+        "",
+        f"- simply-labelled fraction of basis vectors: {metrics['simply_labelled_fraction']:.3f}"
+        + (f" (permutation null mean {metrics['null_simply_labelled_fraction_mean']:.3f}, "
+           f"95th percentile {metrics['null_simply_labelled_fraction_p95']:.3f}, "
+           f"p = {metrics['simply_labelled_p']:.3f})" if "simply_labelled_p" in metrics else ""),
+        f"- clusters: {metrics['clusters']}, simply labelled: {metrics['simply_labelled_clusters']}, "
+        f"hidden breakthroughs: {metrics['hidden_breakthrough_fraction']:.2f}, "
+        f"token coverage: {metrics['coverage']:.2f}",
+        "- labels read w-3 | w-2 | w-1 | w0 (w0: the word of the target token); a/b means "
+        "either tag, together covering the label share of the cluster's tokens",
+        "",
+    ]
+    order = table.sort_values(["simply_labelled", "vector", "size"], ascending=[False, True, False])
+    for r in order.itertuples():
+        when = "" if pd.isna(getattr(r, "breakthrough_step", np.nan)) else \
+            f", breakthrough at step {int(r.breakthrough_step)}{' (hidden)' if r.hidden else ''}"
+        lines += [
+            f"## vector {r.vector}, cluster {r.cluster}: `{r.label}`"
+            + (" (simply labelled)" if r.simply_labelled else ""),
+            "",
+            f"{r.size} tokens; word tag {r.tag} for {r.tag_share:.0%}{when}.",
+            f"Top tokens: {r.top_tokens}",
+            "",
+        ]
+        shown = contexts[(contexts.vector == r.vector) & (contexts.cluster == r.cluster)]
+        lines += [f"{c.rank + 1}. `{show_context(c.context, c.token)}`" for c in shown.itertuples()]
+        lines.append("")
+    return "\n".join(lines)

@@ -179,12 +179,13 @@ def permutation_null(
     return out
 
 
-def ami_and_coverage(assign: np.ndarray, labels: pd.DataFrame) -> dict[str, float]:
+def ami_and_coverage(assign: np.ndarray, labels: pd.DataFrame,
+                     skills: tuple[str, ...] = ("carry", "place", "value")) -> dict[str, float]:
     """Adjusted mutual information of clusters with each skill over clustered tokens,
     averaged over vectors, and coverage (share of tokens neither filtered nor outliers)."""
     out = {"coverage": float((assign >= 0).mean()),
            "coverage_per_vector": (assign >= 0).mean(axis=0).round(4).tolist()}
-    for skill in ("carry", "place", "value"):
+    for skill in skills:
         y = labels[skill].astype(str).to_numpy()
         scores = []
         for j in range(assign.shape[1]):

@@ -1,0 +1,140 @@
+"""Automatic cluster labels for text, where no ground-truth skills exist (the paper's §text).
+
+Every evaluation token carries the part-of-speech tags of its word and of the 3 words
+before it (columns `TAG_COLUMNS`, in reading order). A cluster is labelled position by
+position with the smallest set of tags that covers `coverage` (70%) of its tokens, and is
+**simply labelled** when no position needs more than `simple_max` (2) tags. For a person
+to refine a label, each cluster also gets its most frequent target tokens and the
+contexts nearest its medoid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from polca_study.data.text import TAG_COLUMNS
+
+
+def smallest_covering_set(tags, coverage: float = 0.7) -> list[str]:
+    """The fewest tags whose tokens make up at least `coverage` of `tags` (most frequent
+    first; ties broken by name, so the answer is deterministic). Taking tags by
+    decreasing count is optimal: no smaller set can cover more."""
+    counts = pd.Series(np.asarray(tags, dtype=object)).value_counts()
+    counts = counts.sort_index().sort_values(ascending=False, kind="stable")
+    need = coverage * counts.sum()
+    covered = np.cumsum(counts.to_numpy())
+    n = int(np.searchsorted(covered, need - 1e-9 * counts.sum()) + 1)
+    return counts.index[:n].tolist()
+
+
+def label_cluster(tags: np.ndarray, coverage: float = 0.7, simple_max: int = 2) -> tuple[list[list[str]], bool]:
+    """Covering tag sets for each position of tags (n, positions); simply labelled?"""
+    sets = [smallest_covering_set(tags[:, i], coverage) for i in range(tags.shape[1])]
+    return sets, all(len(s) <= simple_max for s in sets)
+
+
+def format_label(sets: list[list[str]]) -> str:
+    """'DET | OTHER/CAP | ADP | CAP': positions w-3 .. w0, alternatives joined by '/'."""
+    return " | ".join("/".join(s) for s in sets)
+
+
+def text_cluster_table(assign: np.ndarray, labels: pd.DataFrame, coverage: float = 0.7,
+                       simple_max: int = 2, top_tokens: int = 5) -> pd.DataFrame:
+    """One row per cluster: size, label, positions' tag counts, simply labelled, the
+    share of its most common word tag, and its most frequent target tokens."""
+    tags = labels[list(TAG_COLUMNS)].to_numpy(dtype=object)
+    tokens = labels["token"].to_numpy(dtype=object)
+    rows = []
+    for j in range(assign.shape[1]):
+        for c in np.unique(assign[:, j][assign[:, j] >= 0]):
+            member = assign[:, j] == c
+            sets, simple = label_cluster(tags[member], coverage, simple_max)
+            common = pd.Series(tokens[member]).value_counts().head(top_tokens)
+            w0 = pd.Series(tags[member, -1]).value_counts(normalize=True)
+            rows.append({
+                "vector": j, "cluster": int(c), "size": int(member.sum()),
+                "label": format_label(sets), "label_sizes": "/".join(str(len(s)) for s in sets),
+                "simply_labelled": simple, "tag": w0.index[0], "tag_share": float(w0.iloc[0]),
+                "top_tokens": ", ".join(f"{t!r}×{n}" for t, n in common.items()),
+            })
+    columns = ["vector", "cluster", "size", "label", "label_sizes", "simply_labelled", "tag",
+               "tag_share", "top_tokens"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def simply_labelled_fraction(table: pd.DataFrame, columns: int) -> float:
+    """Share of the method's `columns` (basis vectors) with at least one simply-labelled
+    cluster; columns that were dropped or found no cluster count as without."""
+    if columns == 0 or not len(table):
+        return 0.0
+    return table.loc[table.simply_labelled, "vector"].nunique() / columns
+
+
+def _labels_needed(cluster: np.ndarray, tags: np.ndarray, n_tags: int, coverage: float) -> np.ndarray:
+    """Tags needed per position for every cluster: cluster (n,) ids 0..K-1, tags (n, P)
+    integer codes -> (K, P). The vectorised form of `smallest_covering_set`'s count."""
+    K, P = cluster.max() + 1, tags.shape[1]
+    counts = np.zeros((K, P, n_tags))
+    np.add.at(counts, (cluster[:, None], np.arange(P)[None, :], tags), 1.0)
+    ordered = -np.sort(-counts, axis=2).cumsum(axis=2)
+    size = counts[:, :1, :].sum(axis=2, keepdims=True)
+    return (ordered < coverage * size - 1e-9 * size).sum(axis=2) + 1
+
+
+def simply_labelled_null(assign: np.ndarray, labels: pd.DataFrame, draws: int, coverage: float = 0.7,
+                         simple_max: int = 2, seed: int = 0) -> dict[str, float]:
+    """Permutation null of `simply_labelled_fraction`: within each column, the clustered
+    tokens' tags are shuffled among them (cluster sizes kept), `draws` times. Frequent tags
+    alone can make clusters look simple; the null says how often by chance."""
+    if draws == 0 or not (assign >= 0).any():
+        return {}
+    codes, uniques = pd.factorize(pd.Series(labels[list(TAG_COLUMNS)].to_numpy().reshape(-1)))
+    tags = codes.reshape(len(labels), len(TAG_COLUMNS))
+    rng = np.random.default_rng(seed)
+    values = np.zeros(draws)
+    for j in range(assign.shape[1]):
+        sel = np.flatnonzero(assign[:, j] >= 0)
+        if not len(sel):
+            continue
+        _, cluster = np.unique(assign[sel, j], return_inverse=True)
+        for d in range(draws):
+            needed = _labels_needed(cluster, tags[rng.permutation(sel)], len(uniques), coverage)
+            values[d] += (needed <= simple_max).all(axis=1).any()
+    values /= assign.shape[1]
+    return {"mean": float(values.mean()), "p95": float(np.quantile(values, 0.95)),
+            "values": values}
+
+
+def nearest_to_medoid(x: np.ndarray, k: int = 10, max_points: int = 2000, seed: int = 0) -> np.ndarray:
+    """Indices of the `k` rows of x (a cluster's features, Euclidean) nearest its medoid,
+    the medoid first. The medoid is the member with the least total distance to the
+    others (over a random subset of `max_points` when the cluster is larger)."""
+    n = len(x)
+    pool = np.arange(n) if n <= max_points else np.random.default_rng(seed).choice(n, max_points, replace=False)
+    sq = (x[pool] ** 2).sum(1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x[pool] @ x[pool].T, 0))
+    medoid = pool[np.argmin(dist.sum(1))]
+    to_medoid = np.linalg.norm(x - x[medoid], axis=1)
+    return np.argsort(to_medoid, kind="stable")[:k]
+
+
+def cluster_contexts(assign: np.ndarray, features_of, labels: pd.DataFrame, table: pd.DataFrame,
+                     k: int = 10) -> pd.DataFrame:
+    """The k contexts nearest each cluster's medoid: one row per (cluster, rank) with
+    the context text and the target token. `features_of(j)` gives column j's features
+    (n, F), the space HDBSCAN clustered in."""
+    rows = []
+    for j in table.vector.unique():
+        x = features_of(int(j))
+        for c in table.loc[table.vector == j, "cluster"]:
+            member = np.flatnonzero(assign[:, j] == c)
+            for rank, i in enumerate(member[nearest_to_medoid(x[member], k)]):
+                rows.append({"vector": int(j), "cluster": int(c), "rank": rank, "token_index": int(i),
+                             "context": labels.at[i, "context"], "token": labels.at[i, "token"]})
+    return pd.DataFrame(rows, columns=["vector", "cluster", "rank", "token_index", "context", "token"])
+
+
+def show_context(context: str, token: str) -> str:
+    """One line: the context with the target token marked ⟦like this⟧, newlines as ⏎."""
+    return (f"…{context}⟦{token}⟧").replace("\n", "⏎").replace("`", "'")
