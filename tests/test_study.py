@@ -6,6 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -96,3 +97,36 @@ def test_corrupt_cache_entry_is_recomputed(tmp_path, tiny_overrides, env):
     polca(tiny_overrides + [f"hydra.run.dir={tmp_path}/b"], env)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["cache_hits"]["train"] is True and summary["cache_hits"]["basis"] is False
+
+
+def test_tiny_text_study_labels_clusters_with_nearest_contexts(tmp_path, env):
+    args = ["experiment=tiny_text", "logger=offline", f"cache_dir={tmp_path / 'cache'}", "progress=false",
+            "num_threads=1", "cluster.min_cluster_size=4", "cluster.min_samples=2"]
+    run_dir = tmp_path / "run"
+    polca(args + [f"hydra.run.dir={run_dir}"], env)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dataset"] == "text" and summary["objective"] == "simply_labelled_fraction"
+    assert summary["clusters"] > 0
+    assert 0.0 <= summary["simply_labelled_fraction"] <= 1.0
+    for key in ("null_simply_labelled_fraction_mean", "simply_labelled_p", "ami_tag_w0",
+                "hidden_breakthrough_fraction", "coverage"):
+        assert key in summary
+    table = pd.read_csv(run_dir / "clusters.csv")
+    assert len(table) == summary["clusters"]
+    assert table.label.str.count(r" \| ").eq(3).all()  # four word positions per label
+    contexts = pd.read_csv(run_dir / "contexts.csv", keep_default_na=False)
+    per_cluster = contexts.groupby(["vector", "cluster"]).size()
+    assert len(per_cluster) == len(table)
+    assert (per_cluster == np.minimum(table.set_index(["vector", "cluster"])["size"], 10)
+            .loc[per_cluster.index]).all()
+    markdown = (run_dir / "clusters.md").read_text()
+    assert markdown.count("## vector") == len(table) and "⟦" in markdown
+    frame = pd.read_parquet(run_dir / "trajectories.parquet")
+    assert {"token", "token_text", "tag_w0", "tag_w-3", "step", "polca_0"} <= set(frame)
+    text = json.dumps(wandb_records(run_dir))
+    for logged in ("eval/loss", "eval_loss/OTHER", "simply_labelled_fraction", "cluster_contexts"):
+        assert logged in text, logged
+    # a second run reuses the tokenizer, tags and every expensive stage
+    polca(args + [f"hydra.run.dir={tmp_path / 'again'}", "cluster.min_cluster_size=5"], env)
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["cache_hits"] == {k: True for k in ("tokenizer", "tags", "train", "basis", "decompose")}

@@ -45,9 +45,9 @@ class TextConfig:
     max_chars: int | None = None  # read at most this many characters of the corpus
     val_fraction: float = 0.05  # held-out tail of each document
     vocab_size: int = 1024  # BPE vocabulary, trained locally on the training split
-    n_ctx: int = 64  # tokens per context
+    n_ctx: int = 32  # tokens per context
     eval_tokens: int = 3000  # evaluation tokens (the paper: 12,600)
-    eval_positions: int = 8  # evaluation tokens per held-out context
+    eval_positions: int = 16  # evaluation tokens per held-out context
     hessian_size: int = 64  # training contexts in the Hessian sample
     tagger: str = "auto"  # auto (spaCy when en_core_web_sm is installed) | spacy | rules
     seed: int = 0
@@ -222,6 +222,7 @@ class TextData:
             "position": positions.reshape(-1),
             "target": ids[flat],
             "token": [text[s:e] for s, e in spans],
+            "char": first_char,  # offset of the token's first visible character in val_text
             **{col: tags[:, i] for i, col in enumerate(TAG_COLUMNS)},
             "context": [text[max(cs, s - CONTEXT_CHARS):s] for cs, (s, _) in zip(context_start, spans,
                                                                                   strict=True)],
