@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> float:
 
     info = job_info()
     metrics = run(cfg, info.pop("run_dir"), info)
-    objective = metrics["objective"]  # the dataset's: carry_recovery or simply_labelled_fraction
+    objective = metrics["objective"]  # the dataset's: carry_recovery or label_purity_excess
     value = metrics.get(objective)
     if metrics.get("clusters", 0) == 0:
         raise RuntimeError(f"no clusters were found (method {metrics.get('method')}); "

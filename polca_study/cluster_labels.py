@@ -6,6 +6,11 @@ position with the smallest set of tags that covers `coverage` (70%) of its token
 **simply labelled** when no position needs more than `simple_max` (2) tags. For a person
 to refine a label, each cluster also gets its most frequent target tokens and the
 contexts nearest its medoid.
+
+`label_purity` grades the same rule: the share of a cluster's tokens that its top
+`simple_max` tags cover at its least pure position, so a cluster is simply labelled
+exactly when its purity reaches `coverage`. Purity is what a search can climb when no
+cluster is simply labelled yet, and its permutation null says how much of it chance gives.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ def label_cluster(tags: np.ndarray, coverage: float = 0.7, simple_max: int = 2) 
     return sets, all(len(s) <= simple_max for s in sets)
 
 
+def label_purity(tags: np.ndarray, simple_max: int = 2) -> float:
+    """min over positions of the share of tokens covered by that position's top
+    `simple_max` tags; tags (n, positions)."""
+    shares = [pd.Series(tags[:, i]).value_counts(normalize=True).iloc[:simple_max].sum()
+              for i in range(tags.shape[1])]
+    return float(min(shares))
+
+
 def format_label(sets: list[list[str]]) -> str:
     """'DET | OTHER/CAP | ADP | CAP': positions w-3 .. w0, alternatives joined by '/'."""
     return " | ".join("/".join(s) for s in sets)
@@ -55,11 +68,12 @@ def text_cluster_table(assign: np.ndarray, labels: pd.DataFrame, coverage: float
             rows.append({
                 "vector": j, "cluster": int(c), "size": int(member.sum()),
                 "label": format_label(sets), "label_sizes": "/".join(str(len(s)) for s in sets),
-                "simply_labelled": simple, "tag": w0.index[0], "tag_share": float(w0.iloc[0]),
+                "simply_labelled": simple, "label_purity": label_purity(tags[member], simple_max),
+                "tag": w0.index[0], "tag_share": float(w0.iloc[0]),
                 "top_tokens": ", ".join(f"{t!r}×{n}" for t, n in common.items()),
             })
-    columns = ["vector", "cluster", "size", "label", "label_sizes", "simply_labelled", "tag",
-               "tag_share", "top_tokens"]
+    columns = ["vector", "cluster", "size", "label", "label_sizes", "simply_labelled", "label_purity",
+               "tag", "tag_share", "top_tokens"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -71,39 +85,54 @@ def simply_labelled_fraction(table: pd.DataFrame, columns: int) -> float:
     return table.loc[table.simply_labelled, "vector"].nunique() / columns
 
 
-def _labels_needed(cluster: np.ndarray, tags: np.ndarray, n_tags: int, coverage: float) -> np.ndarray:
-    """Tags needed per position for every cluster: cluster (n,) ids 0..K-1, tags (n, P)
-    integer codes -> (K, P). The vectorised form of `smallest_covering_set`'s count."""
+def best_label_purity(table: pd.DataFrame, columns: int) -> float:
+    """Mean over the method's `columns` of its purest cluster's `label_purity` (0 for a
+    column without clusters)."""
+    if columns == 0 or not len(table):
+        return 0.0
+    return float(table.groupby("vector")["label_purity"].max().sum() / columns)
+
+
+def _label_counts(cluster: np.ndarray, tags: np.ndarray, n_tags: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tag counts per cluster and position, sorted descending, cumulated: (K, P, tags),
+    and cluster sizes (K, 1, 1); cluster (n,) ids 0..K-1, tags (n, P) integer codes."""
     K, P = cluster.max() + 1, tags.shape[1]
     counts = np.zeros((K, P, n_tags))
     np.add.at(counts, (cluster[:, None], np.arange(P)[None, :], tags), 1.0)
-    ordered = -np.sort(-counts, axis=2).cumsum(axis=2)
-    size = counts[:, :1, :].sum(axis=2, keepdims=True)
+    return -np.sort(-counts, axis=2).cumsum(axis=2), counts[:, :1, :].sum(axis=2, keepdims=True)
+
+
+def _labels_needed(cluster: np.ndarray, tags: np.ndarray, n_tags: int, coverage: float) -> np.ndarray:
+    """Tags needed per position for every cluster (K, P): the vectorised form of
+    `smallest_covering_set`'s count."""
+    ordered, size = _label_counts(cluster, tags, n_tags)
     return (ordered < coverage * size - 1e-9 * size).sum(axis=2) + 1
 
 
 def simply_labelled_null(assign: np.ndarray, labels: pd.DataFrame, draws: int, coverage: float = 0.7,
-                         simple_max: int = 2, seed: int = 0) -> dict[str, float]:
-    """Permutation null of `simply_labelled_fraction`: within each column, the clustered
-    tokens' tags are shuffled among them (cluster sizes kept), `draws` times. Frequent tags
-    alone can make clusters look simple; the null says how often by chance."""
+                         simple_max: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Permutation null of `simply_labelled_fraction` and `best_label_purity`: within each
+    column, the clustered tokens' tags are shuffled among them (cluster sizes kept),
+    `draws` times. Frequent tags and small clusters alone can make clusters look simple;
+    the null says how much by chance. Values are per draw, over the columns of `assign`."""
     if draws == 0 or not (assign >= 0).any():
         return {}
     codes, uniques = pd.factorize(pd.Series(labels[list(TAG_COLUMNS)].to_numpy().reshape(-1)))
     tags = codes.reshape(len(labels), len(TAG_COLUMNS))
     rng = np.random.default_rng(seed)
-    values = np.zeros(draws)
+    simple, purity = np.zeros(draws), np.zeros(draws)
     for j in range(assign.shape[1]):
         sel = np.flatnonzero(assign[:, j] >= 0)
         if not len(sel):
             continue
         _, cluster = np.unique(assign[sel, j], return_inverse=True)
         for d in range(draws):
-            needed = _labels_needed(cluster, tags[rng.permutation(sel)], len(uniques), coverage)
-            values[d] += (needed <= simple_max).all(axis=1).any()
-    values /= assign.shape[1]
-    return {"mean": float(values.mean()), "p95": float(np.quantile(values, 0.95)),
-            "values": values}
+            ordered, size = _label_counts(cluster, tags[rng.permutation(sel)], len(uniques))
+            needed = (ordered < coverage * size - 1e-9 * size).sum(axis=2) + 1
+            simple[d] += (needed <= simple_max).all(axis=1).any()
+            top = ordered[:, :, min(simple_max, ordered.shape[2]) - 1] / size[:, :, 0]
+            purity[d] += top.min(axis=1).max()
+    return {"simply_labelled_fraction": simple / assign.shape[1], "label_purity": purity / assign.shape[1]}
 
 
 def nearest_to_medoid(x: np.ndarray, k: int = 10, max_points: int = 2000, seed: int = 0) -> np.ndarray:

@@ -26,6 +26,7 @@ from polca_study import tracking
 from polca_study.cache import StageCache
 from polca_study.cluster import cluster_all, features
 from polca_study.cluster_labels import (
+    best_label_purity,
     cluster_contexts,
     simply_labelled_fraction,
     simply_labelled_null,
@@ -251,18 +252,25 @@ def score_text(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.D
     s = cfg.score
     table = text_cluster_table(assign, labels, s.label_coverage, s.simple_max_tags)
     fraction = simply_labelled_fraction(table, columns)
+    purity = best_label_purity(table, columns)
     metrics: dict = {
         "simply_labelled_fraction": fraction,
         "simply_labelled_clusters": int(table.simply_labelled.sum()) if len(table) else 0,
+        "label_purity": purity,
     }
     metrics.update(ami_and_coverage(assign, labels, skills=("tag_w0",)))
     null = simply_labelled_null(assign, labels, s.permutations, s.label_coverage, s.simple_max_tags,
                                 cfg.seed)
-    if null:  # the null's denominator counts only clustered columns; rescale to all columns
-        values = null["values"] * assign.shape[1] / max(columns, 1)
-        metrics["null_simply_labelled_fraction_mean"] = float(values.mean())
-        metrics["null_simply_labelled_fraction_p95"] = float(np.quantile(values, 0.95))
-        metrics["simply_labelled_p"] = float((1 + (values >= fraction).sum()) / (1 + len(values)))
+    for name, observed in (("simply_labelled_fraction", fraction), ("label_purity", purity)):
+        if not null:
+            break
+        # the null's values average over the clustered columns; rescale to all columns
+        values = null[name] * assign.shape[1] / max(columns, 1)
+        metrics[f"null_{name}_mean"] = float(values.mean())
+        metrics[f"null_{name}_p95"] = float(np.quantile(values, 0.95))
+        metrics[f"{name}_p"] = float((1 + (values >= observed).sum()) / (1 + len(values)))
+    # the search objective: purity above what the same clusters give with shuffled tags
+    metrics["label_purity_excess"] = purity - metrics.get("null_label_purity_mean", 0.0)
     contexts = cluster_contexts(assign, lambda j: features(curves[:, :, j], cfg.cluster), labels, table,
                                 s.contexts)
     return table, metrics, contexts
@@ -389,9 +397,11 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
                  metrics["carry_recovery"],
                  [round(r["carry_homogeneity"], 3) for r in metrics["top_carry"]], metrics["coverage"])
     else:
-        log.info("simply-labelled fraction %.3f (null mean %.3f), %d of %d clusters simply labelled, "
-                 "coverage %.2f; labels and contexts in %s", metrics["simply_labelled_fraction"],
-                 metrics.get("null_simply_labelled_fraction_mean", float("nan")),
+        log.info("simply-labelled fraction %.3f (null mean %.3f), label purity %.3f (null mean %.3f), "
+                 "%d of %d clusters simply labelled, coverage %.2f; labels and contexts in %s",
+                 metrics["simply_labelled_fraction"],
+                 metrics.get("null_simply_labelled_fraction_mean", float("nan")), metrics["label_purity"],
+                 metrics.get("null_label_purity_mean", float("nan")),
                  metrics["simply_labelled_clusters"], metrics["clusters"], metrics["coverage"],
                  run_dir / "clusters.md")
     return metrics

@@ -108,12 +108,12 @@ def text_figures(out_dir: Path, history, curves, assign, labels, table) -> dict[
     if len(table):
         rows = _labelled_rows(table)
         paths["top_clusters"] = _cluster_curves(curves, assign, rows, out_dir / "top_clusters.png",
-                                                lambda r: f"{r.label}\n{r.tag} {r.tag_share:.2f}")
+                                                lambda r: f"purity {r.label_purity:.2f}: {r.label}")
     return paths
 
 
 def _labelled_rows(table: pd.DataFrame, n: int = 6) -> pd.DataFrame:
-    return table.sort_values(["simply_labelled", "tag_share", "size"], ascending=False).head(n)
+    return table.sort_values(["simply_labelled", "label_purity", "size"], ascending=False).head(n)
 
 
 def text_learning_curves(history: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path:
@@ -172,6 +172,10 @@ def text_clusters_markdown(metrics: dict, table: pd.DataFrame, contexts: pd.Data
         + (f" (permutation null mean {metrics['null_simply_labelled_fraction_mean']:.3f}, "
            f"95th percentile {metrics['null_simply_labelled_fraction_p95']:.3f}, "
            f"p = {metrics['simply_labelled_p']:.3f})" if "simply_labelled_p" in metrics else ""),
+        f"- label purity (the purest cluster's least pure position, by its top tags; mean over "
+        f"basis vectors): {metrics['label_purity']:.3f}"
+        + (f" (null mean {metrics['null_label_purity_mean']:.3f}, p = {metrics['label_purity_p']:.3f})"
+           if "label_purity_p" in metrics else ""),
         f"- clusters: {metrics['clusters']}, simply labelled: {metrics['simply_labelled_clusters']}, "
         f"hidden breakthroughs: {metrics['hidden_breakthrough_fraction']:.2f}, "
         f"token coverage: {metrics['coverage']:.2f}",
@@ -179,7 +183,7 @@ def text_clusters_markdown(metrics: dict, table: pd.DataFrame, contexts: pd.Data
         "either tag, together covering the label share of the cluster's tokens",
         "",
     ]
-    order = table.sort_values(["simply_labelled", "vector", "size"], ascending=[False, True, False])
+    order = table.sort_values(["simply_labelled", "label_purity"], ascending=False)
     for r in order.itertuples():
         when = "" if pd.isna(getattr(r, "breakthrough_step", np.nan)) else \
             f", breakthrough at step {int(r.breakthrough_step)}{' (hidden)' if r.hidden else ''}"
@@ -187,7 +191,8 @@ def text_clusters_markdown(metrics: dict, table: pd.DataFrame, contexts: pd.Data
             f"## vector {r.vector}, cluster {r.cluster}: `{r.label}`"
             + (" (simply labelled)" if r.simply_labelled else ""),
             "",
-            f"{r.size} tokens; word tag {r.tag} for {r.tag_share:.0%}{when}.",
+            f"{r.size} tokens; label purity {r.label_purity:.2f}; word tag {r.tag} for "
+            f"{r.tag_share:.0%}{when}.",
             f"Top tokens: {r.top_tokens}",
             "",
         ]

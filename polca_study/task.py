@@ -49,5 +49,5 @@ def make_task(dataset, cache=None) -> Task:
         # text has no digit places: grouping=place clusters all tokens together
         return Task("text", data.spec, data.n_ctx, data.d_vocab, split, data.hessian_split,
                     data.train_batches, text.token_loss, text.evaluate,
-                    np.zeros(len(split.labels), dtype=int), "simply_labelled_fraction", data)
+                    np.zeros(len(split.labels), dtype=int), "label_purity_excess", data)
     raise ValueError(f"dataset.name must be one of ['arithmetic', 'text'], got {dataset.name!r}")

@@ -7,7 +7,10 @@ import torch
 from torch.nn import functional as F
 
 from polca_study.cluster_labels import (
+    _label_counts,
     _labels_needed,
+    best_label_purity,
+    label_purity,
     label_cluster,
     nearest_to_medoid,
     simply_labelled_fraction,
@@ -172,6 +175,9 @@ def test_cluster_table_and_fraction_on_hand_made_clusters():
     assert row.label == "DET/PUNCT | CAP/PRON | AUX/NUM | OTHER/PUNCT" and row.simply_labelled
     row = table[table.vector == 1].iloc[0]
     assert row.label_sizes == "1/2/2/2" and row["size"] == n  # DET 15 of 20 covers 75%
+    # top-2 shares per position: DET+PUNCT 1.0, OTHER+PRON (10+5)/20, ADP+AUX 0.75, CAP+OTHER 0.75
+    assert row.label_purity == pytest.approx(0.75)
+    assert best_label_purity(table, 3) == pytest.approx((1.0 + 0.75 + 0) / 3)
     assert simply_labelled_fraction(table, 3) == pytest.approx(2 / 3)
     assert simply_labelled_fraction(table[table.vector == 1].assign(simply_labelled=False), 3) == 0.0
 
@@ -185,6 +191,13 @@ def test_vectorised_label_count_matches_the_plain_labeller():
     for c in range(7):
         sets, _ = label_cluster(tags[cluster == c], 0.7)
         assert needed[c].tolist() == [len(s) for s in sets]
+    # the null's purity arithmetic, on unshuffled tags, against the plain purity
+    ordered, size = _label_counts(cluster, codes.reshape(600, 4), len(uniques))
+    purity = (ordered[:, :, 1] / size[:, :, 0]).min(axis=1)
+    for c in range(7):
+        assert purity[c] == pytest.approx(label_purity(tags[cluster == c]))
+    table = text_cluster_table(cluster[:, None], _labels(tags.astype(object)))
+    assert best_label_purity(table, 1) == pytest.approx(purity.max())
 
 
 def test_permutation_null_separates_real_structure_from_chance():
@@ -196,8 +209,12 @@ def test_permutation_null_separates_real_structure_from_chance():
     labels = _labels(tags.astype(object))
     table = text_cluster_table(assign, labels)
     assert simply_labelled_fraction(table, 1) == 1.0
+    assert best_label_purity(table, 1) == 1.0
     null = simply_labelled_null(assign, labels, draws=30, seed=0)
-    assert null["mean"] < 0.2  # shuffled tags almost never give a 2-tag cluster
+    assert null["simply_labelled_fraction"].mean() < 0.2  # shuffled tags: almost never 2-tag clusters
+    # six tags drawn uniformly, 100 tokens a cluster: the top 2 tags cover about 1/3 at each
+    # position; the purest cluster's least pure position stays far below 1
+    assert 0.3 < null["label_purity"].mean() < 0.6
 
 
 def test_nearest_to_medoid_against_brute_force():
