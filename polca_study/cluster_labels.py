@@ -33,7 +33,8 @@ def smallest_covering_set(tags, coverage: float = 0.7) -> list[str]:
     return counts.index[:n].tolist()
 
 
-def label_cluster(tags: np.ndarray, coverage: float = 0.7, simple_max: int = 2) -> tuple[list[list[str]], bool]:
+def label_cluster(tags: np.ndarray, coverage: float = 0.7,
+                  simple_max: int = 2) -> tuple[list[list[str]], bool]:
     """Covering tag sets for each position of tags (n, positions); simply labelled?"""
     sets = [smallest_covering_set(tags[:, i], coverage) for i in range(tags.shape[1])]
     return sets, all(len(s) <= simple_max for s in sets)
@@ -140,7 +141,8 @@ def nearest_to_medoid(x: np.ndarray, k: int = 10, max_points: int = 2000, seed: 
     the medoid first. The medoid is the member with the least total distance to the
     others (over a random subset of `max_points` when the cluster is larger)."""
     n = len(x)
-    pool = np.arange(n) if n <= max_points else np.random.default_rng(seed).choice(n, max_points, replace=False)
+    rng = np.random.default_rng(seed)
+    pool = np.arange(n) if n <= max_points else rng.choice(n, max_points, replace=False)
     sq = (x[pool] ** 2).sum(1)
     dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x[pool] @ x[pool].T, 0))
     medoid = pool[np.argmin(dist.sum(1))]

@@ -4,7 +4,8 @@
 Two taggers:
 
 - `spacy`: the Universal POS tags (`token.pos_`) of spaCy's small English pipeline, when
-  it is installed (the `spacy` extra and a model, see the README); whitespace runs holding a newline become NEWLINE.
+  it is installed (the `spacy` extra and a model, see the README); whitespace runs
+  holding a newline become NEWLINE.
 - `rules` (always available, no model): a coarse tagger by word form.
     NEWLINE  a run of newlines
     PUNCT    a punctuation or symbol character

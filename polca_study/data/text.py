@@ -5,8 +5,9 @@ Each document is split once: its last `val_fraction` (at a paragraph break) is h
 The tokenizer is trained on the training parts only. Evaluation tokens are
 `eval_positions` target tokens in each of ceil(eval_tokens / eval_positions) held-out
 contexts (disjoint windows, positions drawn from the second half of the context, so every
-target has at least n_ctx/2 tokens of context; eval_tokens is rounded up to whole contexts). Each evaluation token is labelled with
-the tags of its word and of the 3 words before it (`tagging.context_tags`).
+target has at least n_ctx/2 tokens of context; eval_tokens is rounded up to whole
+contexts). Each evaluation token is labelled with the tags of its word and of the 3
+words before it (`tagging.context_tags`).
 """
 
 from __future__ import annotations
