@@ -34,7 +34,7 @@ COLUMNS = {
     "probe_auc": "probe AUC",
     "simply_labelled_fraction": "simply labelled frac.",
     "null_simply_labelled_fraction_mean": "simple null mean",
-    "simply_labelled_p": "simple p",
+    "simply_labelled_fraction_p": "simple p",
     "simply_labelled_clusters": "simple clusters",
     "label_purity": "label purity",
     "null_label_purity_mean": "purity null mean",
