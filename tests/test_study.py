@@ -108,8 +108,8 @@ def test_tiny_text_study_labels_clusters_with_nearest_contexts(tmp_path, env):
     assert summary["dataset"] == "text" and summary["objective"] == "label_purity_excess"
     assert summary["clusters"] > 0
     assert 0.0 <= summary["simply_labelled_fraction"] <= 1.0
-    for key in ("null_simply_labelled_fraction_mean", "simply_labelled_fraction_p", "ami_tag_w0", "label_purity",
-                "null_label_purity_mean", "label_purity_p", "label_purity_excess",
+    for key in ("null_simply_labelled_fraction_mean", "simply_labelled_fraction_p", "ami_tag_w0",
+                "label_purity", "null_label_purity_mean", "label_purity_p", "label_purity_excess",
                 "hidden_breakthrough_fraction", "coverage"):
         assert key in summary
     table = pd.read_csv(run_dir / "clusters.csv")
