@@ -1,5 +1,7 @@
 """Text: corpus, tokenizer round trip, rule-based tagger, cluster labeller, evaluation tokens."""
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,7 +22,7 @@ from polca_study.cluster_labels import (
 )
 from polca_study.config import validate
 from polca_study.data import corpus
-from polca_study.data.tagging import context_tags, rule_tag, rule_words
+from polca_study.data.tagging import context_tags, rule_tag, rule_words, spacy_model, tag_words
 from polca_study.data.text import (
     TAG_COLUMNS,
     TextConfig,
@@ -313,3 +315,32 @@ def test_paper_text_preset_matches_the_paper():
     assert (s.dataset.n_ctx, s.dataset.eval_tokens, s.dataset.vocab_size) == (128, 12600, 30000)
     assert (s.basis.k, s.basis.interval, s.polca.interval, s.train.steps) == (1, 750, 200, 14000)
     assert s.cluster.min_cluster_size == 300
+
+
+def test_huggingface_source_streams_until_max_chars(monkeypatch):
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return ({"story": f"Once upon a time {i}."} for i in range(1000))
+
+    fake = type(sys)("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    docs = corpus.load_documents("huggingface", DATA_DIR, hf={"name": "roneneldan/TinyStories",
+                                 "config": None, "split": "validation", "text_field": "story"},
+                                 max_chars=100)
+    assert calls == [("roneneldan/TinyStories", None, "validation", True)]
+    assert "".join(docs) == "".join(f"Once upon a time {i}." for i in range(6))[:100]
+    with pytest.raises(ValueError, match="dataset.hf_name"):
+        corpus.load_documents("huggingface", DATA_DIR, hf={"name": None})
+
+
+@pytest.mark.skipif(spacy_model() is None, reason="spaCy and an English pipeline are an optional extra")
+def test_spacy_tagger_gives_universal_tags_and_newlines():
+    text = "The cat sat on the mat.\n\nShe smiled."
+    words = tag_words(text, "spacy")
+    got = [(text[s:e], t) for s, e, t in zip(words.starts, words.ends, words.tags, strict=True)]
+    assert got == [("The", "DET"), ("cat", "NOUN"), ("sat", "VERB"), ("on", "ADP"), ("the", "DET"),
+                   ("mat", "NOUN"), (".", "PUNCT"), ("\n\n", "NEWLINE"), ("She", "PRON"),
+                   ("smiled", "VERB"), (".", "PUNCT")]
