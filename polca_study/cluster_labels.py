@@ -40,12 +40,16 @@ def label_cluster(tags: np.ndarray, coverage: float = 0.7,
     return sets, all(len(s) <= simple_max for s in sets)
 
 
+def position_purities(tags: np.ndarray, simple_max: int = 2) -> list[float]:
+    """For each position of tags (n, positions), the share of tokens its top
+    `simple_max` tags cover."""
+    return [float(pd.Series(tags[:, i]).value_counts(normalize=True).iloc[:simple_max].sum())
+            for i in range(tags.shape[1])]
+
+
 def label_purity(tags: np.ndarray, simple_max: int = 2) -> float:
-    """min over positions of the share of tokens covered by that position's top
-    `simple_max` tags; tags (n, positions)."""
-    shares = [pd.Series(tags[:, i]).value_counts(normalize=True).iloc[:simple_max].sum()
-              for i in range(tags.shape[1])]
-    return float(min(shares))
+    """The least pure position's `position_purities`."""
+    return min(position_purities(tags, simple_max))
 
 
 def format_label(sets: list[list[str]]) -> str:
@@ -55,8 +59,9 @@ def format_label(sets: list[list[str]]) -> str:
 
 def text_cluster_table(assign: np.ndarray, labels: pd.DataFrame, coverage: float = 0.7,
                        simple_max: int = 2, top_tokens: int = 5) -> pd.DataFrame:
-    """One row per cluster: size, label, positions' tag counts, simply labelled, the
-    share of its most common word tag, and its most frequent target tokens."""
+    """One row per cluster: size, label, positions' tag counts, simply labelled, label
+    purity overall and per position (purity_w-3 .. purity_w0), the share of its most
+    common word tag, and its most frequent target tokens."""
     tags = labels[list(TAG_COLUMNS)].to_numpy(dtype=object)
     tokens = labels["token"].to_numpy(dtype=object)
     rows = []
@@ -64,17 +69,19 @@ def text_cluster_table(assign: np.ndarray, labels: pd.DataFrame, coverage: float
         for c in np.unique(assign[:, j][assign[:, j] >= 0]):
             member = assign[:, j] == c
             sets, simple = label_cluster(tags[member], coverage, simple_max)
+            purities = position_purities(tags[member], simple_max)
             common = pd.Series(tokens[member]).value_counts().head(top_tokens)
             w0 = pd.Series(tags[member, -1]).value_counts(normalize=True)
             rows.append({
                 "vector": j, "cluster": int(c), "size": int(member.sum()),
                 "label": format_label(sets), "label_sizes": "/".join(str(len(s)) for s in sets),
-                "simply_labelled": simple, "label_purity": label_purity(tags[member], simple_max),
+                "simply_labelled": simple, "label_purity": min(purities),
+                **{f"purity_{col[4:]}": p for col, p in zip(TAG_COLUMNS, purities, strict=True)},
                 "tag": w0.index[0], "tag_share": float(w0.iloc[0]),
                 "top_tokens": ", ".join(f"{t!r}×{n}" for t, n in common.items()),
             })
     columns = ["vector", "cluster", "size", "label", "label_sizes", "simply_labelled", "label_purity",
-               "tag", "tag_share", "top_tokens"]
+               *[f"purity_{col[4:]}" for col in TAG_COLUMNS], "tag", "tag_share", "top_tokens"]
     return pd.DataFrame(rows, columns=columns)
 
 

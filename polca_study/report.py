@@ -185,19 +185,21 @@ def text_clusters_markdown(metrics: dict, table: pd.DataFrame, contexts: pd.Data
         "",
     ]
     order = table.sort_values(["simply_labelled", "label_purity"], ascending=False)
-    for r in order.itertuples():
-        when = "" if pd.isna(getattr(r, "breakthrough_step", np.nan)) else \
-            f", breakthrough at step {int(r.breakthrough_step)}{' (hidden)' if r.hidden else ''}"
+    for r in order.to_dict("records"):  # records: columns like purity_w-3 are not identifiers
+        step = r.get("breakthrough_step", np.nan)
+        when = "" if pd.isna(step) else \
+            f", breakthrough at step {int(step)}{' (hidden)' if r['hidden'] else ''}"
+        purities = ", ".join(f"{r[f'purity_w{p}']:.2f}" for p in ("-3", "-2", "-1", "0"))
         lines += [
-            f"## vector {r.vector}, cluster {r.cluster}: `{r.label}`"
-            + (" (simply labelled)" if r.simply_labelled else ""),
+            f"## vector {r['vector']}, cluster {r['cluster']}: `{r['label']}`"
+            + (" (simply labelled)" if r["simply_labelled"] else ""),
             "",
-            f"{r.size} tokens; label purity {r.label_purity:.2f}; word tag {r.tag} for "
-            f"{r.tag_share:.0%}{when}.",
-            f"Top tokens: {r.top_tokens}",
+            f"{r['size']} tokens; label purity {r['label_purity']:.2f} (w-3..w0: {purities}); "
+            f"word tag {r['tag']} for {r['tag_share']:.0%}{when}.",
+            f"Top tokens: {r['top_tokens']}",
             "",
         ]
-        shown = contexts[(contexts.vector == r.vector) & (contexts.cluster == r.cluster)]
+        shown = contexts[(contexts.vector == r["vector"]) & (contexts.cluster == r["cluster"])]
         lines += [f"{c.rank + 1}. `{show_context(c.context, c.token)}`" for c in shown.itertuples()]
         lines.append("")
     return "\n".join(lines)

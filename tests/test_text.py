@@ -179,6 +179,7 @@ def test_cluster_table_and_fraction_on_hand_made_clusters():
     assert row.label_sizes == "1/2/2/2" and row["size"] == n  # DET 15 of 20 covers 75%
     # top-2 shares per position: DET+PUNCT 1.0, OTHER+PRON (10+5)/20, ADP+AUX 0.75, CAP+OTHER 0.75
     assert row.label_purity == pytest.approx(0.75)
+    assert [row[f"purity_w{p}"] for p in ("-3", "-2", "-1", "0")] == pytest.approx([1.0, 0.75, 0.75, 0.75])
     assert best_label_purity(table, 3) == pytest.approx((1.0 + 0.75 + 0) / 3)
     assert simply_labelled_fraction(table, 3) == pytest.approx(2 / 3)
     assert simply_labelled_fraction(table[table.vector == 1].assign(simply_labelled=False), 3) == 0.0
