@@ -182,9 +182,12 @@ class TextData:
 
     @property
     def spec(self) -> dict:
-        """What determines training and evaluation (the tagger does not)."""
-        return {**{k: v for k, v in asdict(self.config).items() if k != "tagger"},
-                "data_dir": None, "corpus": self.corpus_id}
+        """What determines training and evaluation: the corpus by its content (not where
+        it was read from) and the settings that shape the data (not the tagger)."""
+        c = asdict(self.config)
+        keep = ("name", "val_fraction", "vocab_size", "n_ctx", "eval_tokens", "eval_positions",
+                "hessian_size", "seed")
+        return {**{k: c[k] for k in keep}, "corpus": self.corpus_id}
 
     def _select_eval(self) -> dict:
         c = self.config
