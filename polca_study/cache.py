@@ -25,6 +25,14 @@ log = logging.getLogger(__name__)
 CODE_VERSION = {"train": 1, "basis": 1, "decompose": 1, "trajectories": 1}
 
 
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write a file through a temporary file renamed into place: readers never see half
+    of it, and a killed writer leaves the old file (or none)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def stage_key(stage: str, spec: dict) -> str:
     blob = json.dumps({"stage": stage, "version": CODE_VERSION.get(stage, 0), "spec": spec},
                       sort_keys=True, default=str)

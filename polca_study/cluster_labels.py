@@ -110,11 +110,15 @@ def _label_counts(cluster: np.ndarray, tags: np.ndarray, n_tags: int) -> tuple[n
     return -np.sort(-counts, axis=2).cumsum(axis=2), counts[:, :1, :].sum(axis=2, keepdims=True)
 
 
+def _needed(ordered: np.ndarray, size: np.ndarray, coverage: float) -> np.ndarray:
+    """Tags needed per position for every cluster (K, P), from `_label_counts`."""
+    return (ordered < coverage * size - 1e-9 * size).sum(axis=2) + 1
+
+
 def _labels_needed(cluster: np.ndarray, tags: np.ndarray, n_tags: int, coverage: float) -> np.ndarray:
     """Tags needed per position for every cluster (K, P): the vectorised form of
     `smallest_covering_set`'s count."""
-    ordered, size = _label_counts(cluster, tags, n_tags)
-    return (ordered < coverage * size - 1e-9 * size).sum(axis=2) + 1
+    return _needed(*_label_counts(cluster, tags, n_tags), coverage)
 
 
 def simply_labelled_null(assign: np.ndarray, labels: pd.DataFrame, draws: int, coverage: float = 0.7,
@@ -136,8 +140,7 @@ def simply_labelled_null(assign: np.ndarray, labels: pd.DataFrame, draws: int, c
         _, cluster = np.unique(assign[sel, j], return_inverse=True)
         for d in range(draws):
             ordered, size = _label_counts(cluster, tags[rng.permutation(sel)], len(uniques))
-            needed = (ordered < coverage * size - 1e-9 * size).sum(axis=2) + 1
-            simple[d] += (needed <= simple_max).all(axis=1).any()
+            simple[d] += (_needed(ordered, size, coverage) <= simple_max).all(axis=1).any()
             top = ordered[:, :, min(simple_max, ordered.shape[2]) - 1] / size[:, :, 0]
             purity[d] += top.min(axis=1).max()
     return {"simply_labelled_fraction": simple / assign.shape[1], "label_purity": purity / assign.shape[1]}

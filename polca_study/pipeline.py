@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from polca_study import tracking
-from polca_study.cache import StageCache
+from polca_study.cache import StageCache, write_atomic
 from polca_study.cluster import cluster_all, features
 from polca_study.cluster_labels import (
     best_label_purity,
@@ -73,13 +73,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def model_config(cfg: Config, task: Task) -> ModelConfig:
@@ -197,15 +190,9 @@ def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
     kept = curves.curves[:, :, keep]
     assign = cluster_all(kept, task.groups, cfg.cluster, curves.rises[:, keep])
     s = cfg.score
-    if task.name == "arithmetic":
-        table, metrics = score_arithmetic(cfg, assign, kept, labels)
-        tables = {}
-    else:
-        table, metrics, contexts = score_text(cfg, assign, kept, labels, columns=curves.curves.shape[2])
-        contexts["vector"] = keep[contexts["vector"].to_numpy()] if len(contexts) else contexts["vector"]
-        tables = {"contexts": contexts}
+    table, metrics, tables = SCORERS[task.name](cfg, assign, kept, labels, curves.curves.shape[2])
     breakthroughs = cluster_breakthroughs(assign, kept, curves.steps, s.breakthrough_delta, s.hidden_after)
-    for frame in (table, breakthroughs):
+    for frame in (table, breakthroughs, *tables.values()):  # kept-column indices -> the method's
         if len(frame):
             frame["vector"] = keep[frame["vector"].to_numpy()]
     table = table.merge(breakthroughs, on=["vector", "cluster"], how="left")
@@ -225,8 +212,10 @@ def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
     return metrics, tables, full, curves
 
 
-def score_arithmetic(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.DataFrame):
-    """Carry, place and value scores of the clusters against the known skills."""
+def score_arithmetic(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.DataFrame,
+                     columns: int):
+    """Carry, place and value scores of the clusters against the known skills.
+    Returns (cluster table, metrics, further tables)."""
     s = cfg.score
     table = cluster_table(assign, labels, s.homogeneity_threshold)
     metrics: dict = {
@@ -243,12 +232,13 @@ def score_arithmetic(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels
     for i, row in enumerate(metrics["top_carry"][:3]):
         for key in ("carry_homogeneity", "carry_recall", "carry_f1"):
             metrics[f"carry_top{i + 1}_{key}"] = float(row[key])
-    return table, metrics
+    return table, metrics, {}
 
 
 def score_text(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.DataFrame, columns: int):
     """Automatic part-of-speech labels of the clusters, their nearest contexts, and the
-    share of basis vectors with a simply-labelled cluster (against a permutation null)."""
+    share of basis vectors with a simply-labelled cluster (against a permutation null).
+    `columns` counts all the method's columns, dropped ones included."""
     s = cfg.score
     table = text_cluster_table(assign, labels, s.label_coverage, s.simple_max_tags)
     fraction = simply_labelled_fraction(table, columns)
@@ -273,7 +263,10 @@ def score_text(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.D
     metrics["label_purity_excess"] = purity - metrics.get("null_label_purity_mean", 0.0)
     contexts = cluster_contexts(assign, lambda j: features(curves[:, :, j], cfg.cluster), labels, table,
                                 s.contexts)
-    return table, metrics, contexts
+    return table, metrics, {"contexts": contexts}
+
+
+SCORERS = {"arithmetic": score_arithmetic, "text": score_text}
 
 
 def approximation_error(traj: dict) -> dict[str, float]:

@@ -40,14 +40,34 @@ def learning_curves(history: pd.DataFrame, table: pd.DataFrame, path: Path) -> P
                     ls="-" if carry else "--", label=f"{place} {'carry' if carry else 'no carry'}")
     ax_acc.set(xlabel="step", ylabel="accuracy", title="evaluation accuracy by place")
     ax_acc.legend(fontsize=7)
+    aggregate_loss(ax_loss, history, table, yscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def aggregate_loss(ax, history: pd.DataFrame, table: pd.DataFrame, yscale: str = "linear") -> None:
+    """The token-weighted evaluation loss with the clusters' breakthrough steps marked."""
     agg = history.groupby("step").apply(lambda r: np.average(r.loss, weights=r.tokens),
                                         include_groups=False)
-    ax_loss.plot(agg.index, agg.values, color="black", label="aggregate loss")
-    if "breakthrough_step" in table and len(table):
-        for t in table.breakthrough_step.dropna():
-            ax_loss.axvline(t, color="tab:red", alpha=0.15)
-    ax_loss.set(xlabel="step", ylabel="loss", yscale="log",
-                title="aggregate loss, cluster breakthroughs (red)")
+    ax.plot(agg.index, agg.values, color="black", label="aggregate loss")
+    for t in table.get("breakthrough_step", pd.Series(dtype=float)).dropna():
+        ax.axvline(t, color="tab:red", alpha=0.15)
+    ax.set(xlabel="step", ylabel="loss", yscale=yscale, title="aggregate loss, cluster breakthroughs (red)")
+
+
+def cluster_curves(curves, assign, rows: pd.DataFrame, path: Path, title, color=lambda r: "tab:blue") -> Path:
+    """Median and quartiles of each row's cluster curves, one panel a cluster; `title`
+    and `color` map a row to its panel's subtitle and colour."""
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3), squeeze=False)
+    for ax, r in zip(axes[0], rows.itertuples(), strict=False):
+        c = curves.curves[assign[:, r.vector] == r.cluster, :, r.vector]
+        q1, med, q3 = np.percentile(c, [25, 50, 75], axis=0)
+        ax.plot(curves.steps, med, color=color(r))
+        ax.fill_between(curves.steps, q1, q3, color=color(r), alpha=0.3)
+        ax.set_title(f"{curves.columns[r.vector]} c{r.cluster} n={r.size}\n{title(r)}", fontsize=7)
+        ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -61,23 +81,9 @@ def _top_rows(table: pd.DataFrame, n: int = 6) -> pd.DataFrame:
 
 def top_clusters(curves, assign, labels, table, path: Path) -> Path:
     """Median and quartiles of the most carry-homogeneous clusters' curves (paper Fig. 1/4)."""
-    rows = _top_rows(table)
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3), squeeze=False)
-    for ax, r in zip(axes[0], rows.itertuples(), strict=False):
-        member = assign[:, r.vector] == r.cluster
-        c = curves.curves[member, :, r.vector]
-        q1, med, q3 = np.percentile(c, [25, 50, 75], axis=0)
-        color = "tab:red" if r.carry_homogeneity >= 0.5 else "tab:gray"
-        ax.plot(curves.steps, med, color=color)
-        ax.fill_between(curves.steps, q1, q3, color=color, alpha=0.3)
-        ax.set_title(f"{curves.columns[r.vector]} c{r.cluster}: n={r.size}\n"
-                     f"carry {r.carry_homogeneity:.2f}, {r.place} {r.place_homogeneity:.2f}",
-                     fontsize=8)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return cluster_curves(curves, assign, _top_rows(table), path,
+                          lambda r: f"carry {r.carry_homogeneity:.2f}, {r.place} {r.place_homogeneity:.2f}",
+                          lambda r: "tab:red" if r.carry_homogeneity >= 0.5 else "tab:gray")
 
 
 def skill_composition(assign, labels, table, path: Path) -> Path:
@@ -107,8 +113,8 @@ def text_figures(out_dir: Path, history, curves, assign, labels, table) -> dict[
     paths = {"learning_curves": text_learning_curves(history, table, out_dir / "learning_curves.png")}
     if len(table):
         rows = _labelled_rows(table)
-        paths["top_clusters"] = _cluster_curves(curves, assign, rows, out_dir / "top_clusters.png",
-                                                lambda r: f"purity {r.label_purity:.2f}: {r.label}")
+        paths["top_clusters"] = cluster_curves(curves, assign, rows, out_dir / "top_clusters.png",
+                                               lambda r: f"purity {r.label_purity:.2f}: {r.label}")
     return paths
 
 
@@ -124,27 +130,7 @@ def text_learning_curves(history: pd.DataFrame, table: pd.DataFrame, path: Path)
         ax_tag.plot(rows.step, rows.loss, label=str(tag))
     ax_tag.set(xlabel="step", ylabel="loss", title="evaluation loss by word tag")
     ax_tag.legend(fontsize=6, ncol=2)
-    agg = history.groupby("step").apply(lambda r: np.average(r.loss, weights=r.tokens),
-                                        include_groups=False)
-    ax_loss.plot(agg.index, agg.values, color="black")
-    for t in table.get("breakthrough_step", pd.Series(dtype=float)).dropna():
-        ax_loss.axvline(t, color="tab:red", alpha=0.15)
-    ax_loss.set(xlabel="step", ylabel="loss", title="aggregate loss, cluster breakthroughs (red)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _cluster_curves(curves, assign, rows: pd.DataFrame, path: Path, title) -> Path:
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3), squeeze=False)
-    for ax, r in zip(axes[0], rows.itertuples(), strict=False):
-        c = curves.curves[assign[:, r.vector] == r.cluster, :, r.vector]
-        q1, med, q3 = np.percentile(c, [25, 50, 75], axis=0)
-        ax.plot(curves.steps, med, color="tab:blue")
-        ax.fill_between(curves.steps, q1, q3, color="tab:blue", alpha=0.3)
-        ax.set_title(f"{curves.columns[r.vector]} c{r.cluster} n={r.size}\n{title(r)}", fontsize=7)
-        ax.set_xlabel("step")
+    aggregate_loss(ax_loss, history, table)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

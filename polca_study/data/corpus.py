@@ -25,6 +25,8 @@ import warnings
 import zlib
 from pathlib import Path
 
+from polca_study.cache import write_atomic
+
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_BOOKS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey",
                 "persuasion")
@@ -133,9 +135,8 @@ def fetch_austen(data_dir: Path, deb: Path | None = None) -> Path:
         root = tmp / "x/usr/lib/R/site-library/janeaustenr"
         books = read_r_lazyload(root / "data/Rdata")
         for name in AUSTEN_BOOKS:
-            part = folder / f".{name}.txt.tmp"
-            part.write_text(reflow(books[name]), encoding="utf-8")
-            os.replace(part, folder / f"{name}.txt")
+            text = reflow(books[name])
+            write_atomic(folder / f"{name}.txt", lambda p, text=text: p.write_text(text, encoding="utf-8"))
         shutil.copy(tmp / f"x/usr/share/doc/{AUSTEN_PACKAGE}/copyright", folder / "COPYRIGHT")
     (folder / "SOURCE").write_text(
         f"Jane Austen's six novels (public domain, Project Gutenberg texts) from Debian's\n"

@@ -177,7 +177,6 @@ class TextData:
         tagger = tagging.resolve_tagger(c.tagger)
         words, _ = _cached(cache, "tags", {"tokenizer": self.tokenizer_key, "tagger": tagger},
                            lambda: vars(tagging.tag_words(self.tokens["val_text"], tagger)))
-        self.tagger = tagger
         self.words = tagging.Words(**words)
 
     @property
@@ -201,10 +200,7 @@ class TextData:
                 f"{window} tokens at dataset.eval_positions={c.eval_positions}, but the held-out "
                 f"text has {available}: lower eval_tokens or n_ctx, or raise eval_positions or "
                 "val_fraction")
-        low = c.n_ctx // 2
-        if c.eval_positions > c.n_ctx - low:
-            raise ValueError(f"dataset.eval_positions must be <= n_ctx/2 = {c.n_ctx - low}, "
-                             f"got {c.eval_positions}")
+        low = c.n_ctx // 2  # config validation keeps eval_positions <= n_ctx - low
         rng = np.random.default_rng([c.seed, 2])
         starts = np.sort(rng.choice(available, size=n_seq, replace=False)) * window
         positions = np.sort(np.stack([rng.choice(np.arange(low, c.n_ctx), c.eval_positions,
