@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from polca_study.config import register
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # installed with the package
 log = logging.getLogger("polca_study")
 
 register()
