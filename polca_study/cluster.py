@@ -25,15 +25,16 @@ class ClusterConfig:
     selection_method: str = "eom"  # eom | leaf
     metric: str = "euclidean"
     normalize: str = "zscore"  # none | zscore (per token) | final (divide by final value)
-    feature: str = "increments"  # cumulative | increments | window
+    feature: str = "increments"  # trajectory | increments | window
     window: list[int] = field(default_factory=lambda: [0, -1])  # step range for "window"
     grouping: str = "place"  # none | place (cluster each digit place) | subtract_place
     filter_rising: bool = True  # the paper's filter: drop tokens whose decomposed loss rises
 
 
 def features(curves: np.ndarray, s: ClusterConfig) -> np.ndarray:
-    """What HDBSCAN sees of each token's curve (n, T): the curve itself ("cumulative"),
-    its per-interval increments, or a window of it; then the normalisation."""
+    """What HDBSCAN sees of each token's curve (n, T): the method's trajectory itself
+    ("trajectory"), its per-interval increments, or a window of it; then the
+    normalisation."""
     if s.feature == "increments":
         x = np.diff(curves, axis=1, prepend=0.0)
     elif s.feature == "window":

@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from polca_study import methods
 from polca_study.cluster import ClusterConfig
 from polca_study.data.corpus import SOURCES
 from polca_study.data.tagging import TAGGERS
@@ -20,12 +21,12 @@ from polca_study.data.text import TextConfig
 from polca_study.model import ModelConfig
 from polca_study.train import TrainConfig
 
-METHODS = ("loss", "loss_change", "fisher", "lca", "polca_first_order", "polca")
+METHODS = tuple(methods.METHODS)
 BASIS_KINDS = ("hessian", "random", "shuffled")
 SECOND_ORDER = ("none", "exact", "paper", "path")
 ROUTES = ("auto", "forward", "reverse")
 NORMALIZE = ("none", "zscore", "final")
-FEATURES = ("cumulative", "increments", "window")
+FEATURES = ("trajectory", "increments", "window")
 GROUPING = ("none", "place", "subtract_place")
 SELECTION = ("eom", "leaf")
 METRICS = ("euclidean", "manhattan", "chebyshev", "cosine")
@@ -75,7 +76,8 @@ class ScoreConfig:
     homogeneity_threshold: float = 0.85  # share of a cluster's carries in the 10s/100s
     permutations: int = 100  # draws of the permutation null
     breakthrough_delta: int = 100  # Δ in steps for the maximum-acceleration time
-    hidden_after: int = 1000  # τ: a breakthrough later than this is hidden
+    # a cluster's breakthrough is hidden when later than the aggregate loss's by this margin
+    hidden_margin: int = 200
     probe: bool = True  # the supervised carry probe (cross-validated AUC)
     label_coverage: float = 0.7  # text: a cluster's label covers this share of its tokens
     simple_max_tags: int = 2  # text: simply labelled when no position needs more tags
@@ -200,6 +202,7 @@ def validate(cfg: DictConfig) -> Config:
         raise ValueError("score.homogeneity_threshold must be in [0.5, 1]")
     _at_least("score.permutations", obj.score.permutations, 0)
     _at_least("score.breakthrough_delta", obj.score.breakthrough_delta, 1)
+    _at_least("score.hidden_margin", obj.score.hidden_margin, 0)
     if not 0 < obj.score.label_coverage <= 1:
         raise ValueError(f"score.label_coverage must be in (0, 1], got {obj.score.label_coverage}")
     _at_least("score.simple_max_tags", obj.score.simple_max_tags, 1)

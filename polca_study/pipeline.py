@@ -33,15 +33,18 @@ from polca_study.cluster_labels import (
     text_cluster_table,
 )
 from polca_study.config import Config, validate
-from polca_study.methods import method_curves, rising_vectors
+from polca_study.methods import METHODS, method_curves, rising_vectors
 from polca_study.model import ModelConfig, Transformer
 from polca_study.polca import ModuleLoss, build_basis, decompose_trajectory
 from polca_study.score import (
     ami_and_coverage,
+    breakthrough_time,
     carry_probe_auc,
     carry_recovery,
     cluster_breakthroughs,
     cluster_table,
+    delta_points,
+    filter_carry_rates,
     permutation_null,
     top_homogeneity,
 )
@@ -181,7 +184,7 @@ def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
     curves = method_curves(method, traj, lca)
     dropped: list[int] = []
     keep = np.arange(curves.curves.shape[2])
-    if cfg.basis.drop_rising and method in ("polca", "polca_first_order", "fisher"):
+    if cfg.basis.drop_rising and METHODS[method].basis_columns:
         dropped = rising_vectors(traj).tolist()
         keep = np.setdiff1d(keep, dropped)
         if dropped:
@@ -191,7 +194,12 @@ def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
     assign = cluster_all(kept, task.groups, cfg.cluster, curves.rises[:, keep])
     s = cfg.score
     table, metrics, tables = SCORERS[task.name](cfg, assign, kept, labels, curves.curves.shape[2])
-    breakthroughs = cluster_breakthroughs(assign, kept, curves.steps, s.breakthrough_delta, s.hidden_after)
+    # hidden: later than the aggregate loss's own breakthrough by a margin
+    aggregate = traj["losses"].mean(axis=0)
+    aggregate_step = breakthrough_time(aggregate, traj["steps"], delta_points(traj["steps"],
+                                                                               s.breakthrough_delta))
+    breakthroughs = cluster_breakthroughs(assign, kept, curves.steps, s.breakthrough_delta,
+                                          aggregate_step + s.hidden_margin)
     for frame in (table, breakthroughs, *tables.values()):  # kept-column indices -> the method's
         if len(frame):
             frame["vector"] = keep[frame["vector"].to_numpy()]
@@ -199,11 +207,15 @@ def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
     tables["clusters"] = table
     metrics = {
         "method": method,
+        "basis": cfg.basis.kind,
+        "second_order": cfg.polca.second_order,
+        "seed": cfg.seed,
         "dataset": task.name,
         "vectors": int(curves.curves.shape[2]),
         "vectors_dropped": dropped,
         "clusters": int(len(table)),
         **metrics,
+        "aggregate_breakthrough_step": aggregate_step,
         "hidden_breakthrough_fraction": float(table["hidden"].mean()) if len(table) else 0.0,
     }
     metrics["objective"] = task.objective
@@ -220,6 +232,8 @@ def score_arithmetic(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels
     table = cluster_table(assign, labels, s.homogeneity_threshold)
     metrics: dict = {
         "carry_recovery": carry_recovery(table),
+        "carry_base_rate": float(labels["carry"][labels["place"].astype(str).isin(["10s", "100s"])]
+                                 .mean()),
         "top_carry": top_homogeneity(table, "carry"),
         "top_place": top_homogeneity(table, "place"),
         "top_value": top_homogeneity(table, "value"),
@@ -227,8 +241,13 @@ def score_arithmetic(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels
     metrics.update(ami_and_coverage(assign, labels))
     if s.probe:
         metrics["probe_auc"] = carry_probe_auc(curves, labels, seed=cfg.seed)
-    metrics.update({f"null_{k}": v for k, v in permutation_null(
-        assign, labels, s.permutations, s.homogeneity_threshold, cfg.seed).items()})
+    metrics.update(permutation_null(assign, labels, s.permutations, s.homogeneity_threshold, cfg.seed))
+    if "carry_recovery_null_mean" in metrics:
+        metrics["carry_recovery_excess"] = metrics["carry_recovery"] - metrics["carry_recovery_null_mean"]
+    # what the filter alone does: the carry rate of the 10s/100s tokens each column keeps
+    rates = filter_carry_rates(assign, labels)
+    metrics["filter_carry_rate_per_vector"] = np.round(rates, 4).tolist()
+    metrics["filter_carry_rate_max"] = float(np.nanmax(rates)) if np.isfinite(rates).any() else float("nan")
     for i, row in enumerate(metrics["top_carry"][:3]):
         for key in ("carry_homogeneity", "carry_recall", "carry_f1"):
             metrics[f"carry_top{i + 1}_{key}"] = float(row[key])
@@ -256,11 +275,11 @@ def score_text(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.D
             break
         # the null's values average over the clustered columns; rescale to all columns
         values = null[name] * assign.shape[1] / max(columns, 1)
-        metrics[f"null_{name}_mean"] = float(values.mean())
-        metrics[f"null_{name}_p95"] = float(np.quantile(values, 0.95))
+        metrics[f"{name}_null_mean"] = float(values.mean())
+        metrics[f"{name}_null95"] = float(np.quantile(values, 0.95))
         metrics[f"{name}_p"] = float((1 + (values >= observed).sum()) / (1 + len(values)))
     # the search objective: purity above what the same clusters give with shuffled tags
-    metrics["label_purity_excess"] = purity - metrics.get("null_label_purity_mean", 0.0)
+    metrics["label_purity_excess"] = purity - metrics.get("label_purity_null_mean", 0.0)
     contexts = cluster_contexts(assign, lambda j: features(curves[:, :, j], cfg.cluster), labels, table,
                                 s.contexts)
     return table, metrics, {"contexts": contexts}
@@ -339,7 +358,7 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
         traj, _ = stage_decompose(cfg, task, trained, basis["vectors"], basis_key, "decompose",
                                   cfg.polca.second_order, cache, device, progress)
         lca = None
-        if cfg.method.name == "lca":
+        if METHODS[cfg.method.name].per_parameter:
             params = lca_parameters(trained)
             unit = torch.zeros(trained["snapshots"].shape[1], len(params))
             unit[params, torch.arange(len(params))] = 1.0
@@ -393,8 +412,8 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
         log.info("simply-labelled fraction %.3f (null mean %.3f), label purity %.3f (null mean %.3f), "
                  "%d of %d clusters simply labelled, coverage %.2f; labels and contexts in %s",
                  metrics["simply_labelled_fraction"],
-                 metrics.get("null_simply_labelled_fraction_mean", float("nan")), metrics["label_purity"],
-                 metrics.get("null_label_purity_mean", float("nan")),
+                 metrics.get("simply_labelled_fraction_null_mean", float("nan")), metrics["label_purity"],
+                 metrics.get("label_purity_null_mean", float("nan")),
                  metrics["simply_labelled_clusters"], metrics["clusters"], metrics["coverage"],
                  run_dir / "clusters.md")
     return metrics

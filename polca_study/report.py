@@ -155,13 +155,13 @@ def text_clusters_markdown(metrics: dict, table: pd.DataFrame, contexts: pd.Data
         f"# Clusters of {metrics['method']} on text",
         "",
         f"- simply-labelled fraction of basis vectors: {metrics['simply_labelled_fraction']:.3f}"
-        + (f" (permutation null mean {metrics['null_simply_labelled_fraction_mean']:.3f}, "
-           f"95th percentile {metrics['null_simply_labelled_fraction_p95']:.3f}, "
+        + (f" (permutation null mean {metrics['simply_labelled_fraction_null_mean']:.3f}, "
+           f"95th percentile {metrics['simply_labelled_fraction_null95']:.3f}, "
            f"p = {metrics['simply_labelled_fraction_p']:.3f})"
            if "simply_labelled_fraction_p" in metrics else ""),
         f"- label purity (the purest cluster's least pure position, by its top tags; mean over "
         f"basis vectors): {metrics['label_purity']:.3f}"
-        + (f" (null mean {metrics['null_label_purity_mean']:.3f}, p = {metrics['label_purity_p']:.3f})"
+        + (f" (null mean {metrics['label_purity_null_mean']:.3f}, p = {metrics['label_purity_p']:.3f})"
            if "label_purity_p" in metrics else ""),
         f"- clusters: {metrics['clusters']}, simply labelled: {metrics['simply_labelled_clusters']}, "
         f"hidden breakthroughs: {metrics['hidden_breakthrough_fraction']:.2f}, "

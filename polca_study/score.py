@@ -17,6 +17,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from polca_study.cluster import FILTERED
+
 ELIGIBLE_PLACES = ("10s", "100s")
 
 
@@ -60,12 +62,16 @@ def carry_stats(members: sparse.csr_matrix, carry: np.ndarray, place: np.ndarray
         mcc = np.divide(tp * tn - fp * fn, denom, out=np.zeros_like(tp), where=denom > 0)
         mcc_sum += m * mcc
     with np.errstate(invalid="ignore", divide="ignore"):
+        mcc = np.where(in_places[:, None] > 0, mcc_sum / np.maximum(in_places, 1)[:, None], 0.0)
+        share = (in_places / np.maximum(size[:, 0], 1))[:, None]
         return {
             "size": size[:, 0],
             "carry_homogeneity": n_carry / size,
             "eligible": (n_carry > 0) & (n_eligible / np.maximum(n_carry, 1) > threshold),
             "hits": n_eligible,
-            "mcc": np.where(in_places[:, None] > 0, mcc_sum / np.maximum(in_places, 1)[:, None], 0.0),
+            "mcc": mcc,
+            "place_share": np.broadcast_to(share, mcc.shape),
+            "recovery": mcc * share,
         }
 
 
@@ -81,7 +87,9 @@ def cluster_table(assign: np.ndarray, labels: pd.DataFrame, threshold: float = 0
       tokens with that label.
     - mcc: Matthews correlation of membership with carry over every 10s/100s evaluation
       token, clustered or not, within each place, weighted by the cluster's tokens in
-      each place (the basis of `carry_recovery`).
+      each place.
+    - place_share: the share of the cluster's tokens in the 10s/100s places.
+    - recovery: mcc × place_share, the cluster's `carry_recovery`.
     """
     place = labels["place"].astype(str).to_numpy()
     carry = labels["carry"].to_numpy(bool)
@@ -96,6 +104,8 @@ def cluster_table(assign: np.ndarray, labels: pd.DataFrame, threshold: float = 0
         "eligible": stats["eligible"][:, 0],
         **_recall_f1("carry", stats["hits"][:, 0], size, (target @ clustered)[vector]),
         "mcc": stats["mcc"][:, 0],
+        "place_share": stats["place_share"][:, 0],
+        "recovery": stats["recovery"][:, 0],
     })
     mt = members.T.tocsr()
     for skill, y in (("place", place), ("value", labels["value"].to_numpy())):
@@ -137,46 +147,76 @@ def top_homogeneity(table: pd.DataFrame, skill: str, k: int = 3) -> list[dict]:
 
 
 def carry_recovery(table: pd.DataFrame) -> float:
-    """The search objective: the best Matthews correlation between membership of one
-    eligible cluster and carry, over all 10s/100s evaluation tokens, taken within each
-    digit place and weighted by the cluster's tokens there.
+    """The best `recovery` of one eligible cluster: mcc × place_share, where mcc is the
+    Matthews correlation between membership and carry over all 10s/100s evaluation
+    tokens (clustered or not), within each place, weighted by the cluster's tokens there,
+    and place_share the share of the cluster's tokens that sit in those places.
 
-    It is 0 for clusters unrelated to carry (and for a cluster holding a whole place),
-    small for a tiny pure cluster (it misses most carries) and for clusterings that drop
-    most tokens (dropped tokens count as misses), and 1 only for a cluster that is
-    exactly the 10s/100s carry tokens.
+    The mcc term is 0 for a cluster unrelated to carry or holding a whole place, and small
+    for a tiny pure cluster (it misses most carries) or a clustering that drops most
+    tokens (dropped tokens count as misses). The share term makes tokens of the 1s and
+    1000s places count against a cluster: the 10s/100s carry tokens plus every 1s token
+    and the 1000s non-carry tokens score about 0.35, not 1. It is 1 only for a cluster
+    that is exactly the 10s/100s carry tokens.
     """
     pool = table[table["eligible"]]
-    return float(max(pool["mcc"].max(), 0.0)) if len(pool) else 0.0
+    return float(max(pool["recovery"].max(), 0.0)) if len(pool) else 0.0
+
+
+def _shuffles(carry: np.ndarray, groups: list[np.ndarray], draws: int,
+              rng: np.random.Generator) -> np.ndarray:
+    """(n, draws + 1) carry labels, column 0 the data; in the others each index group's
+    labels are permuted among themselves."""
+    out = np.repeat(carry[:, None], draws + 1, axis=1)
+    for idx in groups:
+        if len(idx) > 1 and draws:
+            perm = rng.random((len(idx), draws)).argsort(axis=0)  # one permutation per draw
+            out[idx, 1:] = carry[idx[perm]]
+    return out
 
 
 def permutation_null(
     assign: np.ndarray, labels: pd.DataFrame, draws: int, threshold: float, seed: int = 0
 ) -> dict[str, float]:
-    """Null of the top carry homogeneity and of carry_recovery: carry labels shuffled
-    within each digit place, clusters kept. Returns observed values, the null's 95th
-    percentile and p-values ((1 + #null ≥ observed) / (1 + draws))."""
+    """Null of the top carry homogeneity and of carry_recovery, clusters kept: for each
+    column (basis vector) apart, carry labels are shuffled within each digit place among
+    the tokens the filter kept for that column (filtered tokens keep theirs). What the
+    filter alone does to the carry rate is thus part of the null, not of the observed
+    effect. Returns, per metric, the null mean, its 95th percentile and the p-value
+    (1 + #null ≥ observed) / (1 + draws); no observed values."""
+    if not draws:
+        return {}
     rng = np.random.default_rng(seed)
     place = labels["place"].astype(str).to_numpy()
     carry = labels["carry"].to_numpy(bool)
-    shuffled = np.repeat(carry[:, None], draws + 1, axis=1)  # column 0: the data
-    for p in np.unique(place):
-        idx = np.flatnonzero(place == p)
-        for d in range(1, draws + 1):
-            shuffled[idx, d] = carry[rng.permutation(idx)]
-    members, _, _ = membership(assign)
-    stats = carry_stats(members, shuffled, place, threshold)
-    eligible = stats["eligible"]
-    top = np.where(eligible, stats["carry_homogeneity"], -np.inf).max(axis=0, initial=-np.inf)
-    recovery = np.where(eligible, stats["mcc"], -np.inf).max(axis=0, initial=-np.inf)
-    top, recovery = np.maximum(top, 0.0), np.maximum(recovery, 0.0)
+    top = np.zeros(draws + 1)
+    recovery = np.zeros(draws + 1)
+    for j in range(assign.shape[1]):
+        kept = assign[:, j] != FILTERED
+        groups = [np.flatnonzero(kept & (place == p)) for p in np.unique(place)]
+        members, _, _ = membership(assign[:, j : j + 1])
+        if members.shape[1] == 0:
+            continue
+        stats = carry_stats(members, _shuffles(carry, groups, draws, rng), place, threshold)
+        eligible = stats["eligible"]
+        top = np.maximum(top, np.where(eligible, stats["carry_homogeneity"], 0.0).max(axis=0))
+        recovery = np.maximum(recovery, np.where(eligible, stats["recovery"], 0.0).max(axis=0))
     out = {}
     for name, values in (("top_carry_homogeneity", top), ("carry_recovery", recovery)):
-        out[name] = float(values[0])
-        if draws:
-            out[f"{name}_null95"] = float(np.percentile(values[1:], 95))
-            out[f"{name}_pvalue"] = float((1 + (values[1:] >= values[0] - 1e-12).sum()) / (1 + draws))
+        out[f"{name}_null_mean"] = float(values[1:].mean())
+        out[f"{name}_null95"] = float(np.percentile(values[1:], 95))
+        out[f"{name}_p"] = float((1 + (values[1:] >= values[0] - 1e-12).sum()) / (1 + draws))
     return out
+
+
+def filter_carry_rates(assign: np.ndarray, labels: pd.DataFrame) -> np.ndarray:
+    """The filter-only reference (m,): the carry rate among the 10s/100s tokens the
+    filter kept for each column, to compare with the base rate over all of them."""
+    eligible = labels["place"].astype(str).isin(ELIGIBLE_PLACES).to_numpy()
+    carry = labels["carry"].to_numpy(bool)
+    kept = (assign != FILTERED) & eligible[:, None]
+    with np.errstate(invalid="ignore"):
+        return (kept & carry[:, None]).sum(axis=0) / kept.sum(axis=0)
 
 
 def ami_and_coverage(assign: np.ndarray, labels: pd.DataFrame,
@@ -197,32 +237,50 @@ def ami_and_coverage(assign: np.ndarray, labels: pd.DataFrame,
 
 
 def breakthrough_time(curve: np.ndarray, steps: np.ndarray, delta: int) -> int:
-    """Step of maximum acceleration of the loss *reduction* r = −f of a loss-like curve f:
-    argmax_t [r(t+Δ) − r(t)] − [r(t) − r(t−Δ)], Δ in evaluation points, so the time marks
-    the onset of the sharpest drop."""
-    r = -np.asarray(curve, dtype=np.float64)
-    T = len(r)
+    """The paper's breakthrough time of a curve f, its step of maximum acceleration:
+    argmax_t [f(t+Δ) − f(t)] − [f(t) − f(t−Δ)], Δ in evaluation points. For a falling
+    loss-like curve this is the elbow where a drop ends (the skill is learned)."""
+    return int(steps[_second_difference(curve, steps, delta)[0]])
+
+
+def breakthrough_onset(curve: np.ndarray, steps: np.ndarray, delta: int) -> int:
+    """The step of maximum deceleration, argmin of the same second difference: where the
+    sharpest drop of a falling curve begins (reported beside the paper's time)."""
+    return int(steps[_second_difference(curve, steps, delta)[1]])
+
+
+def _second_difference(curve: np.ndarray, steps: np.ndarray, delta: int) -> tuple[int, int]:
+    f = np.asarray(curve, dtype=np.float64)
+    T = len(f)
     if T < 2 * delta + 1:
-        return int(steps[T // 2])
+        return T // 2, T // 2
     t = np.arange(delta, T - delta)
-    accel = (r[t + delta] - r[t]) - (r[t] - r[t - delta])
-    return int(steps[t[np.argmax(accel)]])
+    accel = (f[t + delta] - f[t]) - (f[t] - f[t - delta])
+    return int(t[np.argmax(accel)]), int(t[np.argmin(accel)])
+
+
+def delta_points(steps: np.ndarray, delta_steps: int) -> int:
+    """Δ in evaluation points from Δ in steps."""
+    interval = int(steps[1] - steps[0]) if len(steps) > 1 else 1
+    return max(1, round(delta_steps / interval))
 
 
 def cluster_breakthroughs(
     assign: np.ndarray, curves: np.ndarray, steps: np.ndarray, delta_steps: int, hidden_after: int
 ) -> pd.DataFrame:
-    """Breakthrough time of each cluster's median curve; hidden when later than τ."""
-    interval = int(steps[1] - steps[0]) if len(steps) > 1 else 1
-    delta = max(1, round(delta_steps / interval))
+    """Breakthrough time (and onset) of each cluster's mean curve; hidden when the time
+    is later than `hidden_after` (the aggregate loss's breakthrough plus a margin)."""
+    delta = delta_points(steps, delta_steps)
     rows = []
     for j in range(assign.shape[1]):
         for c in np.unique(assign[assign[:, j] >= 0, j]):
-            median = np.median(curves[assign[:, j] == c, :, j], axis=0)
-            t = breakthrough_time(median, steps, delta)
+            mean = curves[assign[:, j] == c, :, j].mean(axis=0)
+            t = breakthrough_time(mean, steps, delta)
             rows.append({"vector": j, "cluster": int(c), "breakthrough_step": t,
+                         "breakthrough_onset_step": breakthrough_onset(mean, steps, delta),
                          "hidden": t > hidden_after})
-    return pd.DataFrame(rows, columns=["vector", "cluster", "breakthrough_step", "hidden"])
+    return pd.DataFrame(rows, columns=["vector", "cluster", "breakthrough_step",
+                                       "breakthrough_onset_step", "hidden"])
 
 
 def carry_probe_auc(curves: np.ndarray, labels: pd.DataFrame, folds: int = 5, seed: int = 0) -> float:

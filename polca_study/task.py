@@ -41,7 +41,7 @@ def make_task(dataset, cache=None) -> Task:
         split = data.eval_split()
         return Task("arithmetic", asdict(dataset), arithmetic.SEQ_LEN, arithmetic.VOCAB_SIZE, split,
                     data.hessian_split, data.train_batches, arithmetic.token_loss, arithmetic.evaluate,
-                    split.labels["place"].astype(str).to_numpy(), "carry_recovery", data)
+                    split.labels["place"].astype(str).to_numpy(), "carry_recovery_excess", data)
     if dataset.name == "text":
         from polca_study.data import text
 

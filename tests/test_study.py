@@ -36,7 +36,8 @@ def test_tiny_study_writes_outputs_and_an_offline_wandb_run(tmp_path, tiny_overr
     polca(tiny_overrides + ["figures=true", "polca=exact", f"hydra.run.dir={run_dir}"], env)
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("carry_recovery", "top_carry", "coverage", "ami_carry",
-                "null_top_carry_homogeneity_null95", "hidden_breakthrough_fraction",
+                "top_carry_homogeneity_null95", "carry_recovery_excess",
+                "carry_recovery_null_mean", "filter_carry_rate_max", "aggregate_breakthrough_step", "hidden_breakthrough_fraction",
                 "paper_second_order_rmse"):
         assert key in summary
     assert 0.0 <= summary["carry_recovery"] <= 1.0
@@ -108,8 +109,8 @@ def test_tiny_text_study_labels_clusters_with_nearest_contexts(tmp_path, env):
     assert summary["dataset"] == "text" and summary["objective"] == "label_purity_excess"
     assert summary["clusters"] > 0
     assert 0.0 <= summary["simply_labelled_fraction"] <= 1.0
-    for key in ("null_simply_labelled_fraction_mean", "simply_labelled_fraction_p", "ami_tag_w0",
-                "label_purity", "null_label_purity_mean", "label_purity_p", "label_purity_excess",
+    for key in ("simply_labelled_fraction_null_mean", "simply_labelled_fraction_p", "ami_tag_w0",
+                "label_purity", "label_purity_null_mean", "label_purity_p", "label_purity_excess",
                 "hidden_breakthrough_fraction", "coverage"):
         assert key in summary
     table = pd.read_csv(run_dir / "clusters.csv")
