@@ -4,7 +4,7 @@
 
 Runs the default study once computing every stage (a cold trial; `force=[all]`), then
 `--warm` clustering-only trials (different cluster.min_cluster_size, with the settings
-of the sweeps in `polca_study/conf/sweep/`) that find training, basis and decomposition cached. Prints each stage's
+of the named studies in `sweeps/`) that find training, basis and decomposition cached. Prints each stage's
 seconds and the process's peak memory after it, the median warm and cold trial times
 and their ratio. Runs in-process, like trials under Hydra's basic launcher.
 """

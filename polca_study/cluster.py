@@ -103,6 +103,8 @@ def cluster_all(
     curves: np.ndarray, groups: np.ndarray, s: ClusterConfig, rises: np.ndarray | None = None
 ) -> np.ndarray:
     """Cluster each column of curves (n, T, m) apart: assignments (n, m)."""
+    if curves.shape[2] == 0:  # every basis vector dropped
+        return np.empty((len(curves), 0), dtype=int)
     return np.stack(
         [cluster_curves(curves[:, :, j], groups, s, None if rises is None else rises[:, j])
          for j in range(curves.shape[2])],

@@ -291,7 +291,7 @@ def carry_probe_auc(curves: np.ndarray, labels: pd.DataFrame, folds: int = 5, se
     sel = labels["place"].astype(str).isin(ELIGIBLE_PLACES).to_numpy()
     x = curves[sel].reshape(int(sel.sum()), -1)
     y = labels["carry"].to_numpy(bool)[sel]
-    if y.all() or not y.any() or min(y.sum(), (~y).sum()) < folds:
+    if x.shape[1] == 0 or y.all() or not y.any() or min(y.sum(), (~y).sum()) < folds:
         return float("nan")
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)

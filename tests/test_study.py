@@ -37,7 +37,8 @@ def test_tiny_study_writes_outputs_and_an_offline_wandb_run(tmp_path, tiny_overr
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("carry_recovery", "top_carry", "coverage", "ami_carry",
                 "top_carry_homogeneity_null95", "carry_recovery_excess",
-                "carry_recovery_null_mean", "filter_carry_rate_max", "aggregate_breakthrough_step", "hidden_breakthrough_fraction",
+                "carry_recovery_null_mean", "filter_carry_rate_max", "aggregate_breakthrough_step",
+                "hidden_breakthrough_fraction",
                 "paper_second_order_rmse"):
         assert key in summary
     assert 0.0 <= summary["carry_recovery"] <= 1.0

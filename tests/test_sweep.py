@@ -5,10 +5,10 @@ import signal
 import subprocess
 import time
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
-import optuna
 from tests.conftest import POLCA, ROOT
 
 pytestmark = pytest.mark.slow
@@ -60,9 +60,9 @@ def test_killed_sqlite_study_resumes_and_completes(tmp_path, env):
 
 def test_failed_trials_are_recorded_with_their_reason(tmp_path, env):
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
-    # min_cluster_size above the token count of each place: no clusters in any trial
+    # a space of invalid values: every trial's job raises
     args = sweep_args(tmp_path, storage, "failing", [
-        "logger=disabled", "cluster.min_cluster_size=int(interval(500, 600))"])
+        "logger=disabled", "cluster.min_cluster_size=int(interval(-9, 1))"])
     proc = subprocess.run(POLCA + args, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode != 0
@@ -70,7 +70,7 @@ def test_failed_trials_are_recorded_with_their_reason(tmp_path, env):
     study = optuna.load_study(study_name="failing", storage=storage)
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 3
-    assert all("no clusters" in t.user_attrs["fail_reason"] for t in failed)
+    assert all("cluster.min_cluster_size must be >= 2" in t.user_attrs["fail_reason"] for t in failed)
 
 
 @pytest.mark.skipif(not os.environ.get("POLCA_TEST_POSTGRES_URL"),

@@ -26,6 +26,12 @@ class OptunaSweeperConf:
     # every study measures its baseline and can only improve on it.
     baseline_trial: bool = True
     sampler: SamplerConf = field(default_factory=SamplerConf)
+    # One study per value of this key (a choice in `params`), named <study_name>-<value>,
+    # each with the same space, sampler, seed and n_trials: a fair budget per method.
+    study_per: str | None = None
+    # Each trial runs once per value here (e.g. {seed: [100, 101]}) and scores the mean,
+    # so settings are chosen on several seeds, never on one.
+    average_over: dict[str, Any] = field(default_factory=dict)
     # Search space in Hydra's override grammar, e.g. "int(interval(20, 200))",
     # "choice(eom, leaf)", "tag(log, interval(1e-4, 1e-1))", "range(1, 5)".
     params: dict[str, Any] = field(default_factory=dict)

@@ -11,10 +11,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
-
-import optuna  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
 from hydra.core.plugins import Plugins
@@ -29,8 +30,6 @@ from optuna.distributions import (
     IntDistribution,
 )
 from optuna.trial import TrialState
-
-import optuna
 
 log = logging.getLogger(__name__)
 WORKER = "worker"  # trial system attribute: host:pid of the process running it
@@ -144,7 +143,7 @@ def _tell(study: optuna.Study, trial, *args, **kwargs) -> None:
 
 class OptunaSweeper(Sweeper):
     def __init__(self, study_name, storage, direction, n_trials, n_jobs, max_failures, sampler,
-                 params, baseline_trial=True, **_ignored):
+                 params, baseline_trial=True, study_per=None, average_over=None, **_ignored):
         self.baseline_trial = bool(baseline_trial)
         self.study_name = study_name
         self.storage = storage
@@ -155,6 +154,13 @@ class OptunaSweeper(Sweeper):
         self.sampler_conf = sampler
         self.params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else params or {}
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.study_per = study_per
+        replicas = OmegaConf.to_container(average_over) if isinstance(average_over, DictConfig) else (
+            average_over or {})
+        keys = list(replicas)
+        if len(keys) > 1:
+            raise ValueError(f"hydra.sweeper.average_over takes one key, got {keys}")
+        self.replicas = [{keys[0]: v} for v in replicas[keys[0]]] if keys else [{}]
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -178,11 +184,11 @@ class OptunaSweeper(Sweeper):
                 space.pop(key, None)
         return space, fixed
 
-    def _study(self, space: dict) -> optuna.Study:
+    def _study(self, space: dict, name: str) -> optuna.Study:
         path = sqlite_path(self.storage)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage,
+        study = optuna.create_study(study_name=name, storage=self.storage,
                                     load_if_exists=True, direction=self.direction)
         # offset the seed by the trials already there, so a resumed study (or a second
         # worker) does not replay the first session's samples
@@ -231,19 +237,30 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         space, fixed = self._space(arguments)
-        study = self._study(space)
+        if self.study_per is None:
+            self._optimise(self.study_name, space, fixed)
+            return
+        per = space.pop(self.study_per, None)
+        if not isinstance(per, CategoricalDistribution):
+            raise ValueError(f"hydra.sweeper.study_per={self.study_per!r} must name a choice(...) "
+                             f"in hydra.sweeper.params or the overrides")
+        for value in per.choices:
+            self._optimise(f"{self.study_name}-{value}", space, {**fixed, self.study_per: value})
+
+    def _optimise(self, name: str, space: dict, fixed: dict) -> None:
+        study = self._study(space, name)
         if self.baseline_trial and space:
-            with study_lock(self.storage, self.study_name):
+            with study_lock(self.storage, name):
                 self._enqueue_baseline(study, space)
-        log.info("study %s in %s: %d trials wanted, space %s", self.study_name, self.storage,
+        log.info("study %s in %s: %d trials wanted, space %s", name, self.storage,
                  self.n_trials, sorted(space))
         while True:
-            with study_lock(self.storage, self.study_name):
+            with study_lock(self.storage, name):
                 self._requeue_dead(study)
                 counted, failed = self._counts(study)
                 if failed >= self.max_failures:
                     raise RuntimeError(
-                        f"study {self.study_name}: {failed} failed trials reached "
+                        f"study {name}: {failed} failed trials reached "
                         f"hydra.sweeper.max_failures={self.max_failures}")
                 batch = min(self.n_jobs, self.n_trials - counted)
                 if batch <= 0:
@@ -252,32 +269,38 @@ class OptunaSweeper(Sweeper):
                 for t in trials:
                     study._storage.set_trial_system_attr(t._trial_id, WORKER, self.worker)
             self._run(study, trials, fixed)
-        self._finish(study)
+        self._finish(study, name)
 
     def _run(self, study: optuna.Study, trials: list, fixed: dict) -> None:
-        overrides = [tuple(f"{k}={v}" for k, v in {**fixed, **t.params}.items()) for t in trials]
-        numbers = [t.number for t in trials]
-        # job directories are numbered by trial, so reruns never overwrite them
+        r = len(self.replicas)
+        overrides = [tuple(f"{k}={v}" for k, v in {**fixed, **t.params, **rep}.items())
+                     for t in trials for rep in self.replicas]
+        numbers = [t.number * r + i for t in trials for i in range(r)]
+        # job directories are numbered by trial (and replica), so reruns never overwrite them
         if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
             returns = self.launcher.launch(overrides, initial_job_idx=numbers[0])
         else:
             returns = [self.launcher.launch([o], initial_job_idx=n)[0]
                        for o, n in zip(overrides, numbers, strict=True)]
-        for trial, ret in zip(trials, returns, strict=True):
+        for i, trial in enumerate(trials):
             try:
-                value = float(ret.return_value)
-                if not math.isfinite(value):
-                    raise ValueError(f"objective is {value}")
-            except Exception as err:  # the job raised, or returned no usable value
+                values = [float(ret.return_value) for ret in returns[i * r : (i + 1) * r]]
+                if not all(math.isfinite(v) for v in values):
+                    raise ValueError(f"objective is {values}")
+            except Exception as err:  # a job raised, or returned no usable value
                 reason = f"{type(err).__name__}: {err}"
                 trial.set_user_attr("fail_reason", reason[:1000])
                 _tell(study, trial, state=TrialState.FAIL)
                 log.warning("trial %d failed: %s", trial.number, reason)
                 continue
+            if r > 1:
+                trial.set_user_attr("replica_values", values)
+            value = sum(values) / len(values)
             _tell(study, trial, value)
             log.info("trial %d: %s = %.4f", trial.number, dict(trial.params), value)
 
-    def _finish(self, study: optuna.Study) -> None:
+    def _finish(self, study: optuna.Study, name: str) -> None:
         from hydra_plugins.polca_optuna_sweeper.report import report_study
 
-        report_study(study, Path(self.config.hydra.sweep.dir), self.config)
+        out = Path(self.config.hydra.sweep.dir)
+        report_study(study, out if name == self.study_name else out / name, self.config)

@@ -1,0 +1,81 @@
+"""Comparison over seeds: bootstrap intervals, the paired test, tables from job folders."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from polca_study.compare import (
+    aggregate_seeds,
+    bootstrap_interval,
+    paired_differences,
+    seed_frame,
+    sign_flip_p,
+    write_comparison,
+)
+
+
+def test_bootstrap_interval_covers_the_known_mean_and_shrinks_with_seeds():
+    rng = np.random.default_rng(0)
+    widths, covered = [], 0
+    for _ in range(200):
+        v = rng.normal(0.3, 0.1, 20)
+        lo, hi = bootstrap_interval(v, draws=2000, seed=1)
+        assert lo <= v.mean() <= hi
+        covered += lo <= 0.3 <= hi
+        widths.append(hi - lo)
+    # a percentile bootstrap slightly under-covers at n = 20; far from 95% would be a bug
+    assert 0.85 <= covered / 200 <= 0.99
+    # the width of a 95% interval of the mean: about 2 * 1.96 * 0.1 / sqrt(20)
+    assert np.median(widths) == pytest.approx(2 * 1.96 * 0.1 / np.sqrt(20), rel=0.15)
+    assert np.isnan(bootstrap_interval(np.array([1.0]))[0])
+
+
+def test_sign_flip_p_against_enumeration_by_hand():
+    d = np.array([0.1, 0.2, 0.3, -0.05, 0.15])
+    observed = abs(d.mean())
+    count = sum(abs(np.mean(np.array(s) * d)) >= observed - 1e-12
+                for s in itertools.product((1, -1), repeat=5))
+    assert sign_flip_p(d) == count / 32
+    assert sign_flip_p(np.ones(5)) == 2 / 32  # the smallest p five seeds can give
+
+
+def _job(root, name, overrides, metrics):
+    d = root / name
+    (d / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), d / ".hydra" / "overrides.yaml")
+    (d / "summary.json").write_text(json.dumps(metrics))
+
+
+def test_tables_over_seeds_from_a_synthetic_sweep(tmp_path):
+    """Known values: POLCA = 0.5 + 0.01 s, loss = 0.2 + 0.02 s over seeds s = 0..4, on
+    two data settings; the loss also ran on one extra seed POLCA did not."""
+    for data in ("0.08", "null"):
+        for s in range(5):
+            common = [f"seed={s}", f"dataset.carry_rate={data}"]
+            _job(tmp_path, f"p{data}{s}", ["method=polca", *common],
+                 {"seed": s, "carry_recovery": 0.5 + 0.01 * s, "clusters": 10})
+            _job(tmp_path, f"l{data}{s}", ["method=loss", *common],
+                 {"seed": s, "carry_recovery": 0.2 + 0.02 * s, "clusters": 2})
+        _job(tmp_path, f"l{data}9", ["method=loss", "seed=9", f"dataset.carry_rate={data}"],
+             {"seed": 9, "carry_recovery": 0.9, "clusters": 2})
+    frame = seed_frame(tmp_path)
+    assert len(frame) == 22
+    agg = aggregate_seeds(frame).set_index(["condition", "metric"])
+    row = agg.loc[("dataset.carry_rate=0.08, method=polca", "carry_recovery")]
+    assert row.n == 5 and row["mean"] == pytest.approx(0.52)
+    assert row["std"] == pytest.approx(np.std([0.5, 0.51, 0.52, 0.53, 0.54], ddof=1))
+    assert row.ci_low < 0.52 < row.ci_high
+    assert agg.loc[("dataset.carry_rate=null, method=loss", "carry_recovery")].n == 6
+    paired = paired_differences(frame)
+    rec = paired[paired.metric == "carry_recovery"].set_index("context")
+    assert set(rec.index) == {"dataset.carry_rate=0.08", "dataset.carry_rate=null"}
+    got = rec.loc["dataset.carry_rate=0.08"]
+    assert got.baseline == "method=loss" and got.n == 5  # seed 9 has no POLCA partner
+    assert got.polca_minus_baseline == pytest.approx(0.3 - 0.01 * 2)
+    assert got.sign_flip_p == pytest.approx(2 / 32)
+    write_comparison(tmp_path)
+    assert "0.520 ± 0.016" in (tmp_path / "seeds.md").read_text()
+    assert (tmp_path / "paired.csv").exists()

@@ -1,0 +1,94 @@
+"""Each method clusters the trajectory the paper defines, under its own settings."""
+
+import numpy as np
+import pytest
+
+from polca_study.cluster import features
+from polca_study.config import validate
+from polca_study.methods import METHODS, method_curves, rising_vectors
+from tests.conftest import compose_config
+
+
+@pytest.fixture(scope="module")
+def traj():
+    rng = np.random.default_rng(0)
+    n, T, m = 30, 9, 3  # tokens, evaluation points, basis vectors
+    return {"steps": np.arange(T) * 25,
+            "losses": np.exp(-np.linspace(0, 2, T))[None] + rng.normal(0, 0.05, (n, T)),
+            "grads": rng.normal(size=(n, T, m)),
+            "first_order": rng.normal(-0.1, 0.1, (n, T - 1, m)),
+            "polca": rng.normal(-0.1, 0.1, (n, T - 1, m))}
+
+
+def expected(name, traj, lca):
+    """The paper's trajectories, written out apart from the code under test."""
+    L, n = traj["losses"], len(traj["losses"])
+    if name == "loss":
+        return L[:, :, None]
+    if name == "loss_change":
+        return np.stack([L[:, t] - L[:, t - 1] for t in range(1, L.shape[1])], axis=1)[:, :, None]
+    if name == "fisher":
+        return traj["grads"] ** 2
+    source = {"lca": lca["first_order"], "polca_first_order": traj["first_order"],
+              "polca": traj["polca"]}[name]
+    out = np.zeros_like(source)
+    for t in range(source.shape[1]):
+        out[:, t] = source[:, : t + 1].sum(axis=1)
+    assert out.shape[0] == n
+    return out
+
+
+def zscore(x):
+    s = x.std(axis=1, keepdims=True)
+    return (x - x.mean(axis=1, keepdims=True)) / np.where(s > 0, s, 1)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_method_clusters_its_defined_trajectory_under_its_own_settings(name, traj):
+    lca = {"first_order": np.random.default_rng(1).normal(size=(30, 8, 4)), "parameters": np.arange(4)}
+    curves = method_curves(name, traj, lca)
+    want = expected(name, traj, lca)
+    np.testing.assert_allclose(curves.curves, want)
+    assert len(curves.steps) == want.shape[1] and len(curves.columns) == want.shape[2]
+    settings = validate(compose_config([f"method={name}"])).cluster
+    got = features(curves.curves[:, :, 0], settings)
+    # what HDBSCAN sees is the trajectory (a loss curve stays a loss curve) or, when the
+    # method's settings say so, its increments; never a difference of the wrong order
+    base = want[:, :, 0]
+    if settings.feature == "increments":
+        base = np.concatenate([base[:, :1], base[:, 1:] - base[:, :-1]], axis=1)
+    else:
+        assert settings.feature == "trajectory"
+    norm = {"zscore": zscore, "none": lambda x: x,
+            "final": lambda x: x / np.where(np.abs(want[:, -1:, 0]) > 0, np.abs(want[:, -1:, 0]), 1)}
+    np.testing.assert_allclose(got, norm[settings.normalize](base), atol=1e-12)
+
+
+def test_every_method_is_clustered_on_its_trajectory_by_default():
+    """The paper's definitions: the loss method's features are the loss curve, not its
+    increments (which would be the loss change); POLCA's are its running sums."""
+    for name in METHODS:
+        assert validate(compose_config([f"method={name}"])).cluster.feature == "trajectory"
+
+
+def test_cluster_paper_replaces_every_method_setting():
+    for name in METHODS:
+        c = validate(compose_config([f"method={name}", "cluster=paper"])).cluster
+        assert (c.feature, c.normalize, c.grouping, c.min_cluster_size) == ("trajectory", "none", "none", 150)
+
+
+def test_basis_ablations_use_polcas_settings():
+    polca = validate(compose_config(["method=polca"]))
+    for ablation, kind in (("random_basis", "random"), ("shuffled_basis", "shuffled")):
+        s = validate(compose_config([f"method={ablation}"]))
+        assert s.method.name == "polca" and s.basis.kind == kind and s.cluster == polca.cluster
+
+
+def test_rising_vectors_are_those_whose_mean_projected_loss_rises(traj):
+    t = dict(traj)
+    polca = t["polca"].copy()
+    polca[:, :, 1] = np.abs(polca[:, :, 1])  # vector 1 only rises
+    t["polca"] = polca
+    totals = polca.sum(axis=1).mean(axis=0)
+    assert rising_vectors(t).tolist() == np.flatnonzero(totals > 0).tolist()
+    assert 1 in rising_vectors(t).tolist()
