@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # The offline text corpus (Jane Austen, from Debian's r-cran-janeaustenr package).
 DATA_DIR ?= $(or $(POLCA_DATA_DIR),data)
 
-.PHONY: install corpus run test lint bench clean-cache
+.PHONY: install corpus run test lint bench tune compare clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,16 @@ test: install corpus
 
 lint: install
 	$(VENV)/bin/ruff check polca_study tests benchmarks
+
+# The method comparison (docs/comparison.md): tune every method's clustering on seeds 100
+# and 101 with the same budget, then run every method on the held-out seeds 200-204.
+tune: install
+	$(VENV)/bin/polca-study -m +sweep=tune_methods $(ARGS)
+
+COMPARE := $(VENV)/bin/polca-study -m +sweep=compare_methods $(ARGS)
+compare: install
+	$(COMPARE)
+	$(COMPARE) seed=200,201,202 dataset.carry_rate=0.08 method=lca,random_basis,shuffled_basis
 
 bench: install
 	$(PY) benchmarks/stages.py

@@ -223,7 +223,7 @@ def write_comparison(sweep_dir: Path, logger_cfg: DictConfig | None = None) -> p
 def _log_wandb(tables: dict[str, pd.DataFrame], sweep_dir: Path, logger_cfg) -> None:
     from polca_study import tracking
 
-    group = Path(sweep_dir).as_posix().replace("/", "_")
+    group = logger_cfg.get("group") or Path(sweep_dir).as_posix().replace("/", "_")
     tracker = tracking.start(logger_cfg, {"sweep_dir": str(sweep_dir)}, Path(sweep_dir),
                              group=group, job_type="comparison",
                              name=f"comparison-{Path(sweep_dir).name}", tags=["comparison"])
