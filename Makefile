@@ -27,8 +27,9 @@ corpus: $(DATA_DIR)/austen/SOURCE
 run: install corpus
 	$(VENV)/bin/polca-study $(ARGS)
 
+# The corpus tests skip without the corpus when pytest runs alone; here they must run.
 test: install corpus
-	$(PY) -m pytest $(PYTEST_ARGS)
+	POLCA_REQUIRE_CORPUS=1 POLCA_DATA_DIR=$(DATA_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check polca_study tests benchmarks

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -11,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from polca_study.config import register
+from polca_study.config import ConfigError, register
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # installed with the package
 log = logging.getLogger("polca_study")
@@ -38,7 +40,15 @@ def main(cfg: DictConfig) -> float:
     from polca_study.pipeline import run
 
     info = job_info()
-    metrics = run(cfg, info.pop("run_dir"), info)
+    try:
+        metrics = run(cfg, info.pop("run_dir"), info)
+    except ConfigError as err:
+        # a bad setting of a single run: one line, no traceback (a sweep records it as
+        # its trial's failure instead; HYDRA_FULL_ERROR=1 shows the traceback)
+        if HydraConfig.get().mode == RunMode.RUN and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            print(f"polca-study: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        raise
     objective = metrics["objective"]  # the dataset's: carry_recovery or label_purity_excess
     value = metrics.get(objective)
     if metrics.get("clusters", 0) == 0:  # a search scores it (as no recovery), a user is told

@@ -25,7 +25,7 @@ class ClusterConfig:
     selection_method: str = "eom"  # eom | leaf
     metric: str = "euclidean"
     normalize: str = "zscore"  # none | zscore (per token) | final (divide by final value)
-    feature: str = "increments"  # trajectory | increments | window
+    feature: str = "trajectory"  # trajectory | increments | window
     window: list[int] = field(default_factory=lambda: [0, -1])  # step range for "window"
     grouping: str = "place"  # none | place (cluster each digit place) | subtract_place
     filter_rising: bool = True  # the paper's filter: drop tokens whose decomposed loss rises

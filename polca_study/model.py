@@ -21,8 +21,8 @@ class ModelConfig:
     d_model: int = 64  # residual stream width
     n_heads: int = 4  # attention heads; d_model must divide evenly
     d_mlp: int = 256  # hidden width of each MLP
-    n_ctx: int | None = 16  # longest input sequence; None: set by the dataset
-    d_vocab: int | None = 12  # token vocabulary size; None: set by the dataset
+    n_ctx: int | None = None  # longest input sequence; None: set by the dataset
+    d_vocab: int | None = None  # token vocabulary size; None: set by the dataset
     init_std: float | None = None  # weight init std; None derives 1/sqrt(d_model)
 
     def __post_init__(self):

@@ -32,7 +32,7 @@ from polca_study.cluster_labels import (
     simply_labelled_null,
     text_cluster_table,
 )
-from polca_study.config import Config, validate
+from polca_study.config import Config, ConfigError, validate
 from polca_study.methods import METHODS, method_curves, rising_vectors
 from polca_study.model import ModelConfig, Transformer
 from polca_study.polca import ModuleLoss, build_basis, decompose_trajectory
@@ -82,7 +82,7 @@ def model_config(cfg: Config, task: Task) -> ModelConfig:
     """The model's config with the sizes left to the dataset (null) filled in."""
     m = replace(cfg.model, n_ctx=cfg.model.n_ctx or task.n_ctx, d_vocab=cfg.model.d_vocab or task.d_vocab)
     if m.n_ctx < task.n_ctx or m.d_vocab < task.d_vocab:
-        raise ValueError(f"model.n_ctx={m.n_ctx} and model.d_vocab={m.d_vocab} must be at least the "
+        raise ConfigError(f"model.n_ctx={m.n_ctx} and model.d_vocab={m.d_vocab} must be at least the "
                          f"dataset's {task.n_ctx} and {task.d_vocab} (null: take the dataset's)")
     return m
 

@@ -23,7 +23,7 @@ from polca_study.polca import flatten_parameters
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.1  # on matrices and embeddings only

@@ -9,6 +9,18 @@ from hydra.core.global_hydra import GlobalHydra
 from polca_study.cli import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("POLCA_DATA_DIR", ROOT / "data"))
+
+
+def require_corpus() -> None:
+    """Skip a test that needs the offline corpus when it is absent, unless the run must
+    have it (`make test` and CI set POLCA_REQUIRE_CORPUS=1 after `make corpus`)."""
+    if (DATA_DIR / "austen" / "SOURCE").exists():
+        return
+    message = f"the offline corpus is not in {DATA_DIR}: run `make corpus`"
+    if os.environ.get("POLCA_REQUIRE_CORPUS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
 POLCA = [sys.executable, "-m", "polca_study"]
 
 

@@ -62,5 +62,43 @@ def test_cli_fails_fast_with_a_clear_message(override, message, tmp_path, env):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
     assert not cache.exists()  # failed before any stage ran
     assert not (tmp_path / "run" / "wandb").exists()
+
+
+def test_no_test_module_changes_the_default_dtype_for_the_session():
+    import torch
+
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_schema_defaults_are_the_default_run():
+    """The dataclasses' defaults and the default YAML cannot drift apart: reading
+    config.py gives the settings of a plain `polca-study` run."""
+    from dataclasses import MISSING, fields, is_dataclass
+
+    from omegaconf import OmegaConf
+
+    from polca_study.config import ArithmeticConfig, Config
+
+    def defaults(cls) -> dict:  # the declared defaults, before __post_init__ derives any
+        out = {}
+        for f in fields(cls):
+            value = f.default if f.default is not MISSING else f.default_factory()
+            if f.name == "dataset":
+                value = ArithmeticConfig
+            out[f.name] = defaults(value) if isinstance(value, type) and is_dataclass(value) else (
+                defaults(type(value)) if is_dataclass(value) else value)
+        return out
+
+    composed = OmegaConf.to_container(compose_config(), resolve=False)
+    schema = defaults(Config)
+    differ = {}
+    for key, value in schema.items():
+        if isinstance(value, dict):
+            differ.update({f"{key}.{k}": (v, composed[key][k]) for k, v in value.items()
+                           if composed[key][k] != v})
+        elif composed[key] != value:
+            differ[key] = (value, composed[key])
+    assert differ == {}

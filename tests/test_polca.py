@@ -13,8 +13,17 @@ from polca_study.polca import (
     flatten_parameters,
 )
 
-torch.set_default_dtype(torch.float64)
 MODES = ["none", "exact", "paper", "path"]
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Each test here compares with brute force in float64; the default dtype is set for
+    the test alone and restored, so other modules run in torch's float32 default."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 # --------------------------------------------------------------- a small nonlinear net

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import POLCA, ROOT
+from tests.conftest import POLCA, ROOT, require_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +102,7 @@ def test_corrupt_cache_entry_is_recomputed(tmp_path, tiny_overrides, env):
 
 
 def test_tiny_text_study_labels_clusters_with_nearest_contexts(tmp_path, env):
+    require_corpus()
     args = ["experiment=tiny_text", "logger=offline", f"cache_dir={tmp_path / 'cache'}", "progress=false",
             "num_threads=1", "cluster.min_cluster_size=4", "cluster.min_samples=2"]
     run_dir = tmp_path / "run"

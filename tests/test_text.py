@@ -31,17 +31,13 @@ from polca_study.data.text import (
     token_loss,
     train_tokenizer,
 )
-from tests.conftest import ROOT, compose_config
-
-DATA_DIR = ROOT / "data"
+from tests.conftest import DATA_DIR, compose_config, require_corpus
 
 
 @pytest.fixture(scope="module")
 def austen():
-    try:
-        return corpus.load_documents("austen", DATA_DIR)
-    except corpus.CorpusMissing as err:  # a missing set-up step must fail, not skip
-        pytest.fail(f"{err}")
+    require_corpus()
+    return corpus.load_documents("austen", DATA_DIR)
 
 
 # ---------------------------------------------------------------------- corpus
@@ -236,6 +232,7 @@ def test_nearest_to_medoid_against_brute_force():
 
 @pytest.fixture(scope="module")
 def tiny_text():
+    require_corpus()
     return TextData(TextConfig(data_dir=str(DATA_DIR), max_chars=300_000, vocab_size=300, n_ctx=16,
                                eval_tokens=160, eval_positions=4, hessian_size=8, tagger="rules"))
 
@@ -293,6 +290,7 @@ def test_token_loss_at_positions_against_plain_cross_entropy():
 
 
 def test_too_many_evaluation_tokens_fail_with_the_fields_to_change():
+    require_corpus()
     with pytest.raises(ValueError, match="dataset.eval_tokens=100000 needs"):
         TextData(TextConfig(data_dir=str(DATA_DIR), max_chars=300_000, vocab_size=300, n_ctx=16,
                             eval_tokens=100_000, eval_positions=4, tagger="rules"))
