@@ -23,6 +23,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 # Bump when a stage's computation changes, so old entries are not reused.
 CODE_VERSION = {"train": 1, "basis": 1, "decompose": 1, "trajectories": 1}
+# Stages that `force=[<name>]` recomputes besides the one of that name: LCA's
+# per-parameter decomposition ("trajectories") is a decomposition too.
+FORCE_ALSO = {"decompose": {"trajectories"}}
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -51,6 +54,8 @@ class StageCache:
     def __init__(self, root: str | os.PathLike, force: set[str] | None = None):
         self.root = Path(root)
         self.force = set(force or ())
+        for name in list(self.force):
+            self.force |= FORCE_ALSO.get(name, set())
         self.hits: dict[str, bool] = {}
 
     def path(self, stage: str, key: str) -> Path:

@@ -343,3 +343,18 @@ def test_spacy_tagger_gives_universal_tags_and_newlines():
     assert got == [("The", "DET"), ("cat", "NOUN"), ("sat", "VERB"), ("on", "ADP"), ("the", "DET"),
                    ("mat", "NOUN"), (".", "PUNCT"), ("\n\n", "NEWLINE"), ("She", "PRON"),
                    ("smiled", "VERB"), (".", "PUNCT")]
+
+
+def test_the_tagger_is_part_of_the_training_key(tiny_text, monkeypatch):
+    """Training curves are grouped by the tag of the target's word: another tagger must
+    not reuse a training run whose curves carry the first tagger's tags."""
+    from polca_study.cache import stage_key
+    from polca_study.data import tagging
+
+    assert tiny_text.spec["tagger"] == "rules"
+    monkeypatch.setattr(tagging, "resolve_tagger", lambda name: "stand-in")
+    monkeypatch.setattr(tagging, "tag_words", lambda text, tagger="auto": tagging.rule_words(text))
+    other = TextData(TextConfig(data_dir=str(DATA_DIR), max_chars=300_000, vocab_size=300, n_ctx=16,
+                                eval_tokens=160, eval_positions=4, hessian_size=8, tagger="rules"))
+    assert other.spec["tagger"] == "stand-in"
+    assert stage_key("train", {"dataset": other.spec}) != stage_key("train", {"dataset": tiny_text.spec})

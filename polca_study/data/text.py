@@ -174,7 +174,7 @@ class TextData:
         self.d_vocab = int(self.tokens["vocab_size"])
         self.n_ctx = c.n_ctx
         self._eval = self._select_eval()
-        tagger = tagging.resolve_tagger(c.tagger)
+        self.tagger = tagger = tagging.resolve_tagger(c.tagger)
         words, _ = _cached(cache, "tags", {"tokenizer": self.tokenizer_key, "tagger": tagger},
                            lambda: vars(tagging.tag_words(self.tokens["val_text"], tagger)))
         self.words = tagging.Words(**words)
@@ -182,11 +182,12 @@ class TextData:
     @property
     def spec(self) -> dict:
         """What determines training and evaluation: the corpus by its content (not where
-        it was read from) and the settings that shape the data (not the tagger)."""
+        it was read from), the settings that shape the data, and the tagger that was
+        used (the training curves are grouped by the tag of the target's word)."""
         c = asdict(self.config)
         keep = ("name", "val_fraction", "vocab_size", "n_ctx", "eval_tokens", "eval_positions",
                 "hessian_size", "seed")
-        return {**{k: c[k] for k in keep}, "corpus": self.corpus_id}
+        return {**{k: c[k] for k in keep}, "corpus": self.corpus_id, "tagger": self.tagger}
 
     def _select_eval(self) -> dict:
         c = self.config
