@@ -32,7 +32,8 @@ test: install corpus
 	POLCA_REQUIRE_CORPUS=1 POLCA_DATA_DIR=$(DATA_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check polca_study tests benchmarks
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 # The method comparison (docs/comparison.md): tune every method's clustering on seeds 100
 # and 101 with the same budget, then run every method on the held-out seeds 200-204.

@@ -105,8 +105,10 @@ def main() -> None:
     n = loss(thetas[0]).numel()
     with torch.no_grad():
         forward, _ = timed(lambda: loss(thetas[0]), 5)
-    print(f"model: {d:,} parameters; {n:,} evaluation tokens; forward pass {forward * 1e3:.0f} ms "
-          f"({args.threads} threads)\n")
+    print(
+        f"model: {d:,} parameters; {n:,} evaluation tokens; forward pass {forward * 1e3:.0f} ms "
+        f"({args.threads} threads)\n"
+    )
 
     if args.only != "basis":
         routes(args, loss, thetas, d, n, forward)
@@ -115,15 +117,23 @@ def main() -> None:
 
 
 def routes(args, loss, thetas, d: int, n: int, forward: float) -> None:
-    print("seconds per interval (4 checkpoints, 3 intervals, the first point's terms included)"
-          " and ratio to a forward pass")
+    print(
+        "seconds per interval (4 checkpoints, 3 intervals, the first point's terms included)"
+        " and ratio to a forward pass"
+    )
     print(f"{'m':>3} {'mode':>6} {'route':>8} {'s/interval':>11} {'x forward':>10} {'peak MB':>8}")
     steps = len(thetas) - 1
     for m in (1, 10, 50):
         vectors, _ = torch.linalg.qr(torch.randn(d, m))
-        cases = [("none", "forward"), ("none", "reverse"), ("path", "reverse"),
-                 ("paper", "reverse"), ("exact", "forward")]
+        cases = [
+            ("none", "forward"),
+            ("none", "reverse"),
+            ("path", "reverse"),
+            ("paper", "reverse"),
+            ("exact", "forward"),
+        ]
         for mode, route in cases:
+
             def run(mode=mode, route=route, vectors=vectors):
                 decompose_trajectory(loss, thetas, vectors, mode, route=route, progress=False)
 
@@ -146,9 +156,10 @@ def routes(args, loss, thetas, d: int, n: int, forward: float) -> None:
     seconds, _ = timed(naive, 1)
     naive_interval = seconds * n / args.naive_tokens
     fast, _ = timed(lambda: loss.directional(thetas[0], vectors, route="reverse"), args.repeats)
-    print(f"\nnaive per-token loop, m=10: {naive_interval:.0f} s per interval (from "
-          f"{args.naive_tokens} tokens), {naive_interval / fast:.0f}x the reverse route")
-
+    print(
+        f"\nnaive per-token loop, m=10: {naive_interval:.0f} s per interval (from "
+        f"{args.naive_tokens} tokens), {naive_interval / fast:.0f}x the reverse route"
+    )
 
 
 def basis_cost(model, data, thetas, d: int) -> None:
@@ -165,9 +176,11 @@ def basis_cost(model, data, thetas, d: int) -> None:
         power, converged = power_iteration(hvp, d, k, residual=1e-3)
         power_s = time.perf_counter() - start
         note = "" if converged else " (some pairs hit the 100-product cap: a lower bound)"
-        print(f"k={k}: Lanczos {basis.hvps} HVPs {lanczos_s:.1f} s (max residual "
-              f"{basis.residuals.max():.1e}); power iteration {power} HVPs {power_s:.1f} s{note}; "
-              f"Lanczos/power {basis.hvps / power:.2f}")
+        print(
+            f"k={k}: Lanczos {basis.hvps} HVPs {lanczos_s:.1f} s (max residual "
+            f"{basis.residuals.max():.1e}); power iteration {power} HVPs {power_s:.1f} s{note}; "
+            f"Lanczos/power {basis.hvps / power:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -47,17 +47,29 @@ def main() -> None:
         warm = []
         for i in range(args.warm):
             # as a sweep's trial: an offline W&B run, no figures or trajectory file
-            seconds, m = trial([f"cluster.min_cluster_size={40 + 10 * i}", "figures=false",
-                                "save_trajectories=false", "score.permutations=20",
-                                "score.probe=false", "logger=offline"], f"warm{i}")
+            seconds, m = trial(
+                [
+                    f"cluster.min_cluster_size={40 + 10 * i}",
+                    "figures=false",
+                    "save_trajectories=false",
+                    "score.permutations=20",
+                    "score.probe=false",
+                    "logger=offline",
+                ],
+                f"warm{i}",
+            )
             assert all(m["cache_hits"].values()), m["cache_hits"]
             warm.append(seconds)
         median = statistics.median(warm)
-        print(f"\ncold trial {cold_s:.1f} s (1 run); warm clustering-only trial median "
-              f"{median:.2f} s over {len(warm)} (min {min(warm):.2f}, max {max(warm):.2f}); "
-              f"cold/warm {cold_s / median:.0f}x")
-        print(f"default study: carry_recovery {cold['carry_recovery']:.3f}, peak memory "
-              f"{cold['peak_memory_mb']:.0f} MB")
+        print(
+            f"\ncold trial {cold_s:.1f} s (1 run); warm clustering-only trial median "
+            f"{median:.2f} s over {len(warm)} (min {min(warm):.2f}, max {max(warm):.2f}); "
+            f"cold/warm {cold_s / median:.0f}x"
+        )
+        print(
+            f"default study: carry_recovery {cold['carry_recovery']:.3f}, peak memory "
+            f"{cold['peak_memory_mb']:.0f} MB"
+        )
 
 
 if __name__ == "__main__":

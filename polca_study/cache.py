@@ -37,8 +37,9 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def stage_key(stage: str, spec: dict) -> str:
-    blob = json.dumps({"stage": stage, "version": CODE_VERSION.get(stage, 0), "spec": spec},
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        {"stage": stage, "version": CODE_VERSION.get(stage, 0), "spec": spec}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -78,16 +79,20 @@ class StageCache:
             log.warning("cache entry %s/%s could not be read (%s); recomputing", stage, key, err)
             return None
 
-    def save(self, stage: str, key: str, spec: dict, result: dict[str, Any],
-             replace: bool = False) -> None:
+    def save(self, stage: str, key: str, spec: dict, result: dict[str, Any], replace: bool = False) -> None:
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
         try:
             with open(tmp / "payload.pt", "wb") as f:
                 pickle.dump(result, f, protocol=5)  # 10x faster to load than torch.load
-            meta = {"stage": stage, "key": key, "spec": spec, "sha256": _sha256(tmp / "payload.pt"),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            meta = {
+                "stage": stage,
+                "key": key,
+                "spec": spec,
+                "sha256": _sha256(tmp / "payload.pt"),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
             if final.exists() and (replace or self.load(stage, key) is None):
                 stale = final.with_name(f".stale-{key}-{os.getpid()}")

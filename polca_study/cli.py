@@ -52,8 +52,10 @@ def main(cfg: DictConfig) -> float:
     objective = metrics["objective"]  # the dataset's: carry_recovery or label_purity_excess
     value = metrics.get(objective)
     if metrics.get("clusters", 0) == 0:  # a search scores it (as no recovery), a user is told
-        log.warning("no clusters were found (method %s); loosen cluster.min_cluster_size or "
-                    "cluster.min_samples", metrics.get("method"))
+        log.warning(
+            "no clusters were found (method %s); loosen cluster.min_cluster_size or cluster.min_samples",
+            metrics.get("method"),
+        )
     if value is None or not math.isfinite(value):
         raise RuntimeError(f"the run produced no finite {objective}: {value!r}")
     return float(value)

@@ -59,8 +59,10 @@ def _hdbscan(x: np.ndarray, s: ClusterConfig) -> np.ndarray:
     min_samples = int(round(s.min_samples * n)) if s.min_samples < 1 else int(s.min_samples)
     min_samples = max(1, min(min_samples, n - 1))
     clusterer = hdbscan.HDBSCAN(
-        min_cluster_size=int(s.min_cluster_size), min_samples=min_samples,
-        cluster_selection_method=s.selection_method, metric=s.metric,
+        min_cluster_size=int(s.min_cluster_size),
+        min_samples=min_samples,
+        cluster_selection_method=s.selection_method,
+        metric=s.metric,
         # the generic O(n²) algorithm beats the tree-based ones 3-4x on our ~80-dimensional
         # curves up to a few thousand tokens (measured); trees past that, for memory
         algorithm="generic" if s.metric == "cosine" or n <= GENERIC_MAX else "best",
@@ -106,7 +108,9 @@ def cluster_all(
     if curves.shape[2] == 0:  # every basis vector dropped
         return np.empty((len(curves), 0), dtype=int)
     return np.stack(
-        [cluster_curves(curves[:, :, j], groups, s, None if rises is None else rises[:, j])
-         for j in range(curves.shape[2])],
+        [
+            cluster_curves(curves[:, :, j], groups, s, None if rises is None else rises[:, j])
+            for j in range(curves.shape[2])
+        ],
         axis=1,
     )

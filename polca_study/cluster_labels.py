@@ -33,8 +33,9 @@ def smallest_covering_set(tags, coverage: float = 0.7) -> list[str]:
     return counts.index[:n].tolist()
 
 
-def label_cluster(tags: np.ndarray, coverage: float = 0.7,
-                  simple_max: int = 2) -> tuple[list[list[str]], bool]:
+def label_cluster(
+    tags: np.ndarray, coverage: float = 0.7, simple_max: int = 2
+) -> tuple[list[list[str]], bool]:
     """Covering tag sets for each position of tags (n, positions); simply labelled?"""
     sets = [smallest_covering_set(tags[:, i], coverage) for i in range(tags.shape[1])]
     return sets, all(len(s) <= simple_max for s in sets)
@@ -43,8 +44,10 @@ def label_cluster(tags: np.ndarray, coverage: float = 0.7,
 def position_purities(tags: np.ndarray, simple_max: int = 2) -> list[float]:
     """For each position of tags (n, positions), the share of tokens its top
     `simple_max` tags cover."""
-    return [float(pd.Series(tags[:, i]).value_counts(normalize=True).iloc[:simple_max].sum())
-            for i in range(tags.shape[1])]
+    return [
+        float(pd.Series(tags[:, i]).value_counts(normalize=True).iloc[:simple_max].sum())
+        for i in range(tags.shape[1])
+    ]
 
 
 def label_purity(tags: np.ndarray, simple_max: int = 2) -> float:
@@ -57,8 +60,9 @@ def format_label(sets: list[list[str]]) -> str:
     return " | ".join("/".join(s) for s in sets)
 
 
-def text_cluster_table(assign: np.ndarray, labels: pd.DataFrame, coverage: float = 0.7,
-                       simple_max: int = 2, top_tokens: int = 5) -> pd.DataFrame:
+def text_cluster_table(
+    assign: np.ndarray, labels: pd.DataFrame, coverage: float = 0.7, simple_max: int = 2, top_tokens: int = 5
+) -> pd.DataFrame:
     """One row per cluster: size, label, positions' tag counts, simply labelled, label
     purity overall and per position (purity_w-3 .. purity_w0), the share of its most
     common word tag, and its most frequent target tokens."""
@@ -72,16 +76,34 @@ def text_cluster_table(assign: np.ndarray, labels: pd.DataFrame, coverage: float
             purities = position_purities(tags[member], simple_max)
             common = pd.Series(tokens[member]).value_counts().head(top_tokens)
             w0 = pd.Series(tags[member, -1]).value_counts(normalize=True)
-            rows.append({
-                "vector": j, "cluster": int(c), "size": int(member.sum()),
-                "label": format_label(sets), "label_sizes": "/".join(str(len(s)) for s in sets),
-                "simply_labelled": simple, "label_purity": min(purities),
-                **{f"purity_{col[4:]}": p for col, p in zip(TAG_COLUMNS, purities, strict=True)},
-                "tag": w0.index[0], "tag_share": float(w0.iloc[0]),
-                "top_tokens": ", ".join(f"{t!r}×{n}" for t, n in common.items()),
-            })
-    columns = ["vector", "cluster", "size", "label", "label_sizes", "simply_labelled", "label_purity",
-               *[f"purity_{col[4:]}" for col in TAG_COLUMNS], "tag", "tag_share", "top_tokens"]
+            rows.append(
+                {
+                    "vector": j,
+                    "cluster": int(c),
+                    "size": int(member.sum()),
+                    "label": format_label(sets),
+                    "label_sizes": "/".join(str(len(s)) for s in sets),
+                    "simply_labelled": simple,
+                    "label_purity": min(purities),
+                    **{f"purity_{col[4:]}": p for col, p in zip(TAG_COLUMNS, purities, strict=True)},
+                    "tag": w0.index[0],
+                    "tag_share": float(w0.iloc[0]),
+                    "top_tokens": ", ".join(f"{t!r}×{n}" for t, n in common.items()),
+                }
+            )
+    columns = [
+        "vector",
+        "cluster",
+        "size",
+        "label",
+        "label_sizes",
+        "simply_labelled",
+        "label_purity",
+        *[f"purity_{col[4:]}" for col in TAG_COLUMNS],
+        "tag",
+        "tag_share",
+        "top_tokens",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -121,8 +143,14 @@ def _labels_needed(cluster: np.ndarray, tags: np.ndarray, n_tags: int, coverage:
     return _needed(*_label_counts(cluster, tags, n_tags), coverage)
 
 
-def simply_labelled_null(assign: np.ndarray, labels: pd.DataFrame, draws: int, coverage: float = 0.7,
-                         simple_max: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+def simply_labelled_null(
+    assign: np.ndarray,
+    labels: pd.DataFrame,
+    draws: int,
+    coverage: float = 0.7,
+    simple_max: int = 2,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Permutation null of `simply_labelled_fraction` and `best_label_purity`: within each
     column, the clustered tokens' tags are shuffled among them (cluster sizes kept),
     `draws` times. Frequent tags and small clusters alone can make clusters look simple;
@@ -160,8 +188,9 @@ def nearest_to_medoid(x: np.ndarray, k: int = 10, max_points: int = 2000, seed: 
     return np.argsort(to_medoid, kind="stable")[:k]
 
 
-def cluster_contexts(assign: np.ndarray, features_of, labels: pd.DataFrame, table: pd.DataFrame,
-                     k: int = 10) -> pd.DataFrame:
+def cluster_contexts(
+    assign: np.ndarray, features_of, labels: pd.DataFrame, table: pd.DataFrame, k: int = 10
+) -> pd.DataFrame:
     """The k contexts nearest each cluster's medoid: one row per (cluster, rank) with
     the context text and the target token. `features_of(j)` gives column j's features
     (n, F), the space HDBSCAN clustered in."""
@@ -171,8 +200,16 @@ def cluster_contexts(assign: np.ndarray, features_of, labels: pd.DataFrame, tabl
         for c in table.loc[table.vector == j, "cluster"]:
             member = np.flatnonzero(assign[:, j] == c)
             for rank, i in enumerate(member[nearest_to_medoid(x[member], k)]):
-                rows.append({"vector": int(j), "cluster": int(c), "rank": rank, "token_index": int(i),
-                             "context": labels.at[i, "context"], "token": labels.at[i, "token"]})
+                rows.append(
+                    {
+                        "vector": int(j),
+                        "cluster": int(c),
+                        "rank": rank,
+                        "token_index": int(i),
+                        "context": labels.at[i, "context"],
+                        "token": labels.at[i, "token"],
+                    }
+                )
     return pd.DataFrame(rows, columns=["vector", "cluster", "rank", "token_index", "context", "token"])
 
 

@@ -86,13 +86,31 @@ def comparison_table(sweep_dir: Path) -> pd.DataFrame:
 # context within which methods are paired.
 METHOD_KEYS = ("method", "polca", "polca.second_order", "basis", "basis.kind")
 REFERENCE = {"method": "polca"}  # POLCA with the default (path) second order and basis
-SEED_METRICS = ("carry_recovery", "carry_recovery_excess", "carry_recovery_p",
-                "carry_top1_carry_homogeneity", "carry_top1_carry_recall", "carry_top1_carry_f1",
-                "top_carry_homogeneity_p", "filter_carry_rate_max", "hidden_breakthrough_fraction",
-                "coverage", "clusters", "probe_auc", "label_purity", "label_purity_excess",
-                "simply_labelled_fraction")
-PAIRED_METRICS = ("carry_recovery", "carry_recovery_excess", "carry_top1_carry_homogeneity",
-                  "carry_top1_carry_f1", "hidden_breakthrough_fraction", "label_purity_excess")
+SEED_METRICS = (
+    "carry_recovery",
+    "carry_recovery_excess",
+    "carry_recovery_p",
+    "carry_top1_carry_homogeneity",
+    "carry_top1_carry_recall",
+    "carry_top1_carry_f1",
+    "top_carry_homogeneity_p",
+    "filter_carry_rate_max",
+    "hidden_breakthrough_fraction",
+    "coverage",
+    "clusters",
+    "probe_auc",
+    "label_purity",
+    "label_purity_excess",
+    "simply_labelled_fraction",
+)
+PAIRED_METRICS = (
+    "carry_recovery",
+    "carry_recovery_excess",
+    "carry_top1_carry_homogeneity",
+    "carry_top1_carry_f1",
+    "hidden_breakthrough_fraction",
+    "label_purity_excess",
+)
 
 
 def seed_frame(sweep_dir: Path) -> pd.DataFrame:
@@ -108,9 +126,15 @@ def seed_frame(sweep_dir: Path) -> pd.DataFrame:
         rest = {k: v for k, v in over.items() if k != "seed" and k in varying}
         method = {k: v for k, v in rest.items() if k in METHOD_KEYS}
         context = {k: v for k, v in rest.items() if k not in METHOD_KEYS}
-        rows.append({"condition": _label(rest), "method": _label(method) or "method=polca",
-                     "context": _label(context), "seed": metrics.get("seed", over.get("seed")),
-                     **{m: metrics.get(m) for m in SEED_METRICS}})
+        rows.append(
+            {
+                "condition": _label(rest),
+                "method": _label(method) or "method=polca",
+                "context": _label(context),
+                "seed": metrics.get("seed", over.get("seed")),
+                **{m: metrics.get(m) for m in SEED_METRICS},
+            }
+        )
     frame = pd.DataFrame(rows)
     return frame.dropna(axis=1, how="all") if len(frame) else frame
 
@@ -119,8 +143,9 @@ def _label(overrides: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
 
 
-def bootstrap_interval(values: np.ndarray, draws: int = 10_000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    values: np.ndarray, draws: int = 10_000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean, resampling the values (seeds)."""
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
@@ -153,9 +178,17 @@ def aggregate_seeds(frame: pd.DataFrame) -> pd.DataFrame:
             if not len(v):
                 continue
             lo, hi = bootstrap_interval(v)
-            rows.append({"condition": condition, "metric": m, "n": len(v), "mean": float(v.mean()),
-                         "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
-                         "ci_low": lo, "ci_high": hi})
+            rows.append(
+                {
+                    "condition": condition,
+                    "metric": m,
+                    "n": len(v),
+                    "mean": float(v.mean()),
+                    "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+                    "ci_low": lo,
+                    "ci_high": hi,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -177,16 +210,27 @@ def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.D
                     continue
                 lo, hi = bootstrap_interval(d)
                 t = stats.ttest_1samp(d, 0.0).pvalue if d.std() > 0 else float("nan")
-                rows.append({"context": context, "baseline": method, "metric": m, "n": len(d),
-                             "polca_minus_baseline": float(d.mean()), "ci_low": lo, "ci_high": hi,
-                             "sign_flip_p": sign_flip_p(d), "t_test_p": float(t)})
+                rows.append(
+                    {
+                        "context": context,
+                        "baseline": method,
+                        "metric": m,
+                        "n": len(d),
+                        "polca_minus_baseline": float(d.mean()),
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "sign_flip_p": sign_flip_p(d),
+                        "t_test_p": float(t),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def seeds_markdown(agg: pd.DataFrame) -> str:
     """Conditions as rows, metrics as columns: mean ± sd [95% interval] (n)."""
-    cell = agg.apply(lambda r: f"{r['mean']:.3f} ± {r['std']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] "
-                               f"({r.n})", axis=1)
+    cell = agg.apply(
+        lambda r: f"{r['mean']:.3f} ± {r['std']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n})", axis=1
+    )
     wide = agg.assign(cell=cell).pivot(index="condition", columns="metric", values="cell")
     wide = wide[[m for m in SEED_METRICS if m in wide]]
     return wide.reset_index().to_markdown(index=False) + "\n"
@@ -213,8 +257,11 @@ def write_comparison(sweep_dir: Path, logger_cfg: DictConfig | None = None) -> p
         paired.to_csv(sweep_dir / "paired.csv", index=False)
         (sweep_dir / "paired.md").write_text(paired.to_markdown(index=False, floatfmt=".3f") + "\n")
         tables.update(seeds=agg, paired=paired)
-        log.info("%d seeds: per-condition means and intervals in seeds.md, POLCA against each "
-                 "baseline in paired.md", frame["seed"].nunique())
+        log.info(
+            "%d seeds: per-condition means and intervals in seeds.md, POLCA against each "
+            "baseline in paired.md",
+            frame["seed"].nunique(),
+        )
     if logger_cfg is not None:
         _log_wandb(tables, sweep_dir, logger_cfg)
     return table
@@ -224,9 +271,15 @@ def _log_wandb(tables: dict[str, pd.DataFrame], sweep_dir: Path, logger_cfg) -> 
     from polca_study import tracking
 
     group = logger_cfg.get("group") or Path(sweep_dir).as_posix().replace("/", "_")
-    tracker = tracking.start(logger_cfg, {"sweep_dir": str(sweep_dir)}, Path(sweep_dir),
-                             group=group, job_type="comparison",
-                             name=f"comparison-{Path(sweep_dir).name}", tags=["comparison"])
+    tracker = tracking.start(
+        logger_cfg,
+        {"sweep_dir": str(sweep_dir)},
+        Path(sweep_dir),
+        group=group,
+        job_type="comparison",
+        name=f"comparison-{Path(sweep_dir).name}",
+        tags=["comparison"],
+    )
     try:
         for key, table in tables.items():
             tracker.table(key, table.astype(str) if key == "comparison" else table)

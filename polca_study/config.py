@@ -159,8 +159,10 @@ def _validate_dataset(d) -> None:
     _at_least("dataset.eval_tokens", d.eval_tokens, 1)
     _at_least("dataset.eval_positions", d.eval_positions, 1)
     if d.eval_positions > d.n_ctx - d.n_ctx // 2:
-        raise ConfigError(f"dataset.eval_positions must be <= n_ctx/2 (targets come from the second "
-                         f"half of each context), got {d.eval_positions} with n_ctx={d.n_ctx}")
+        raise ConfigError(
+            f"dataset.eval_positions must be <= n_ctx/2 (targets come from the second "
+            f"half of each context), got {d.eval_positions} with n_ctx={d.n_ctx}"
+        )
     if d.max_chars is not None:
         _at_least("dataset.max_chars", d.max_chars, 1)
 
@@ -180,8 +182,7 @@ def validate(cfg: DictConfig) -> Config:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     _choice("basis.kind", obj.basis.kind, BASIS_KINDS)
     _at_least("basis.k", obj.basis.k, 1)
-    for path, interval in (("basis.interval", obj.basis.interval),
-                           ("polca.interval", obj.polca.interval)):
+    for path, interval in (("basis.interval", obj.basis.interval), ("polca.interval", obj.polca.interval)):
         _at_least(path, interval, 1)
         if interval % t.checkpoint_every:
             raise ConfigError(

@@ -59,8 +59,9 @@ def loss(traj: dict, lca: dict | None = None) -> MethodCurves:
 
 
 def loss_change(traj: dict, lca: dict | None = None) -> MethodCurves:
-    return MethodCurves(np.diff(traj["losses"], axis=1)[:, :, None], traj["steps"][1:],
-                        _loss_rises(traj), ["loss_change"])
+    return MethodCurves(
+        np.diff(traj["losses"], axis=1)[:, :, None], traj["steps"][1:], _loss_rises(traj), ["loss_change"]
+    )
 
 
 def fisher(traj: dict, lca: dict | None = None) -> MethodCurves:
@@ -71,8 +72,9 @@ def lca_curves(traj: dict, lca: dict | None = None) -> MethodCurves:
     if lca is None:
         raise ValueError("method 'lca' needs the per-parameter decomposition")
     curves = _cumulative(lca["first_order"])
-    return MethodCurves(curves, traj["steps"][1:], curves[:, -1] > 0,
-                        [f"param_{i}" for i in lca["parameters"]])
+    return MethodCurves(
+        curves, traj["steps"][1:], curves[:, -1] > 0, [f"param_{i}" for i in lca["parameters"]]
+    )
 
 
 def polca_first_order(traj: dict, lca: dict | None = None) -> MethodCurves:
@@ -81,8 +83,7 @@ def polca_first_order(traj: dict, lca: dict | None = None) -> MethodCurves:
 
 
 def polca(traj: dict, lca: dict | None = None) -> MethodCurves:
-    return MethodCurves(_cumulative(traj["polca"]), traj["steps"][1:], _polca_rises(traj),
-                        _vectors(traj))
+    return MethodCurves(_cumulative(traj["polca"]), traj["steps"][1:], _polca_rises(traj), _vectors(traj))
 
 
 METHODS: dict[str, Method] = {

@@ -82,8 +82,10 @@ def model_config(cfg: Config, task: Task) -> ModelConfig:
     """The model's config with the sizes left to the dataset (null) filled in."""
     m = replace(cfg.model, n_ctx=cfg.model.n_ctx or task.n_ctx, d_vocab=cfg.model.d_vocab or task.d_vocab)
     if m.n_ctx < task.n_ctx or m.d_vocab < task.d_vocab:
-        raise ConfigError(f"model.n_ctx={m.n_ctx} and model.d_vocab={m.d_vocab} must be at least the "
-                         f"dataset's {task.n_ctx} and {task.d_vocab} (null: take the dataset's)")
+        raise ConfigError(
+            f"model.n_ctx={m.n_ctx} and model.d_vocab={m.d_vocab} must be at least the "
+            f"dataset's {task.n_ctx} and {task.d_vocab} (null: take the dataset's)"
+        )
     return m
 
 
@@ -96,18 +98,33 @@ def make_model(cfg: Config, task: Task) -> Transformer:
 
 
 def stage_train(cfg: Config, task: Task, cache: StageCache, device, progress):
-    spec = {"model": asdict(model_config(cfg, task)), "dataset": task.spec,
-            "train": asdict(cfg.train), "seed": cfg.seed}
+    spec = {
+        "model": asdict(model_config(cfg, task)),
+        "dataset": task.spec,
+        "train": asdict(cfg.train),
+        "seed": cfg.seed,
+    }
 
     def compute():
         model = make_model(cfg, task)
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = True
-        result = train(model, task.train_batches(cfg.train.batch_size, cfg.seed), cfg.train,
-                       task.token_loss, lambda m: task.evaluate(m, task.eval_split), device=device,
-                       progress=progress)
-        return {"steps": result.steps, "snapshots": result.snapshots, "history": result.history,
-                "train_loss": result.train_loss, "seconds": result.seconds}
+        result = train(
+            model,
+            task.train_batches(cfg.train.batch_size, cfg.seed),
+            cfg.train,
+            task.token_loss,
+            lambda m: task.evaluate(m, task.eval_split),
+            device=device,
+            progress=progress,
+        )
+        return {
+            "steps": result.steps,
+            "snapshots": result.snapshots,
+            "history": result.history,
+            "train_loss": result.train_loss,
+            "seconds": result.seconds,
+        }
 
     return cache.get_or_compute("train", spec, compute)
 
@@ -118,11 +135,17 @@ def snapshots_at(trained: dict, every: int, steps: int) -> tuple[np.ndarray, lis
     return wanted, [trained["snapshots"][index[int(s)]] for s in wanted]
 
 
-def stage_basis(cfg: Config, task: Task, trained: dict, train_key: str, cache: StageCache, device,
-                progress):
+def stage_basis(cfg: Config, task: Task, trained: dict, train_key: str, cache: StageCache, device, progress):
     b = cfg.basis
-    spec = {"train": train_key, "kind": b.kind, "k": b.k, "interval": b.interval,
-            "tol": b.tol, "maxiter": b.maxiter, "seed": b.seed}
+    spec = {
+        "train": train_key,
+        "kind": b.kind,
+        "k": b.k,
+        "interval": b.interval,
+        "tol": b.tol,
+        "maxiter": b.maxiter,
+        "seed": b.seed,
+    }
 
     def compute():
         steps, thetas = snapshots_at(trained, b.interval, cfg.train.steps - 1)
@@ -131,38 +154,72 @@ def stage_basis(cfg: Config, task: Task, trained: dict, train_key: str, cache: S
         if b.kind == "random":
             g = torch.Generator().manual_seed(b.seed)
             vectors, _ = torch.linalg.qr(torch.randn(d, m, generator=g))
-            return {"vectors": vectors, "eigenvalues": torch.full((m,), float("nan")),
-                    "residuals": torch.full((m,), float("nan")), "hvps": 0,
-                    "checkpoint_steps": np.repeat(steps, b.k)}
+            return {
+                "vectors": vectors,
+                "eigenvalues": torch.full((m,), float("nan")),
+                "residuals": torch.full((m,), float("nan")),
+                "hvps": 0,
+                "checkpoint_steps": np.repeat(steps, b.k),
+            }
         order = np.arange(len(thetas))
         if b.kind == "shuffled":
             order = np.random.default_rng(b.seed).permutation(len(thetas))
         model = make_model(cfg, task).to(device)
         batch = {k: v.to(device) for k, v in task.hessian_split().batch().items()}
         loss = ModuleLoss(model, batch, task.token_loss)
-        basis = build_basis(lambda th: loss(th).sum(), [thetas[i].to(device) for i in order],
-                            b.k, tol=b.tol, maxiter=b.maxiter, seed=b.seed, progress=progress)
-        return {"vectors": basis.vectors.cpu(), "eigenvalues": basis.eigenvalues.cpu(),
-                "residuals": basis.residuals.cpu(), "hvps": basis.hvps,
-                "checkpoint_steps": np.repeat(steps[order], b.k)}
+        basis = build_basis(
+            lambda th: loss(th).sum(),
+            [thetas[i].to(device) for i in order],
+            b.k,
+            tol=b.tol,
+            maxiter=b.maxiter,
+            seed=b.seed,
+            progress=progress,
+        )
+        return {
+            "vectors": basis.vectors.cpu(),
+            "eigenvalues": basis.eigenvalues.cpu(),
+            "residuals": basis.residuals.cpu(),
+            "hvps": basis.hvps,
+            "checkpoint_steps": np.repeat(steps[order], b.k),
+        }
 
     return cache.get_or_compute("basis", spec, compute)
 
 
-def stage_decompose(cfg: Config, task: Task, trained: dict, vectors: torch.Tensor,
-                    parent_key: str, name: str, second_order: str, cache: StageCache, device,
-                    progress):
+def stage_decompose(
+    cfg: Config,
+    task: Task,
+    trained: dict,
+    vectors: torch.Tensor,
+    parent_key: str,
+    name: str,
+    second_order: str,
+    cache: StageCache,
+    device,
+    progress,
+):
     """POLCA of every evaluation token along `vectors` between evaluation points."""
-    spec = {"parent": parent_key, "interval": cfg.polca.interval, "second_order": second_order,
-            "route": cfg.polca.route}
+    spec = {
+        "parent": parent_key,
+        "interval": cfg.polca.interval,
+        "second_order": second_order,
+        "route": cfg.polca.route,
+    }
 
     def compute():
         steps, thetas = snapshots_at(trained, cfg.polca.interval, cfg.train.steps)
         model = make_model(cfg, task).to(device)
         batch = {k: v.to(device) for k, v in task.eval_split.batch().items()}
         loss = ModuleLoss(model, batch, task.token_loss)
-        traj = decompose_trajectory(loss, [t.to(device) for t in thetas], vectors.to(device),
-                                    second_order, route=cfg.polca.route, progress=progress)
+        traj = decompose_trajectory(
+            loss,
+            [t.to(device) for t in thetas],
+            vectors.to(device),
+            second_order,
+            route=cfg.polca.route,
+            progress=progress,
+        )
         out = {k: (v.cpu().numpy() if v is not None else None) for k, v in vars(traj).items()}
         return {**out, "steps": steps}
 
@@ -188,18 +245,19 @@ def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
         dropped = rising_vectors(traj).tolist()
         keep = np.setdiff1d(keep, dropped)
         if dropped:
-            log.info("dropped %d basis vectors whose mean projected loss rises: %s",
-                     len(dropped), dropped)
+            log.info("dropped %d basis vectors whose mean projected loss rises: %s", len(dropped), dropped)
     kept = curves.curves[:, :, keep]
     assign = cluster_all(kept, task.groups, cfg.cluster, curves.rises[:, keep])
     s = cfg.score
     table, metrics, tables = SCORERS[task.name](cfg, assign, kept, labels, curves.curves.shape[2])
     # hidden: later than the aggregate loss's own breakthrough by a margin
     aggregate = traj["losses"].mean(axis=0)
-    aggregate_step = breakthrough_time(aggregate, traj["steps"], delta_points(traj["steps"],
-                                                                               s.breakthrough_delta))
-    breakthroughs = cluster_breakthroughs(assign, kept, curves.steps, s.breakthrough_delta,
-                                          aggregate_step + s.hidden_margin)
+    aggregate_step = breakthrough_time(
+        aggregate, traj["steps"], delta_points(traj["steps"], s.breakthrough_delta)
+    )
+    breakthroughs = cluster_breakthroughs(
+        assign, kept, curves.steps, s.breakthrough_delta, aggregate_step + s.hidden_margin
+    )
     for frame in (table, breakthroughs, *tables.values()):  # kept-column indices -> the method's
         if len(frame):
             frame["vector"] = keep[frame["vector"].to_numpy()]
@@ -224,16 +282,14 @@ def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
     return metrics, tables, full, curves
 
 
-def score_arithmetic(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.DataFrame,
-                     columns: int):
+def score_arithmetic(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.DataFrame, columns: int):
     """Carry, place and value scores of the clusters against the known skills.
     Returns (cluster table, metrics, further tables)."""
     s = cfg.score
     table = cluster_table(assign, labels, s.homogeneity_threshold)
     metrics: dict = {
         "carry_recovery": carry_recovery(table),
-        "carry_base_rate": float(labels["carry"][labels["place"].astype(str).isin(["10s", "100s"])]
-                                 .mean()),
+        "carry_base_rate": float(labels["carry"][labels["place"].astype(str).isin(["10s", "100s"])].mean()),
         "top_carry": top_homogeneity(table, "carry"),
         "top_place": top_homogeneity(table, "place"),
         "top_value": top_homogeneity(table, "value"),
@@ -268,8 +324,7 @@ def score_text(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.D
         "label_purity": purity,
     }
     metrics.update(ami_and_coverage(assign, labels, skills=("tag_w0",)))
-    null = simply_labelled_null(assign, labels, s.permutations, s.label_coverage, s.simple_max_tags,
-                                cfg.seed)
+    null = simply_labelled_null(assign, labels, s.permutations, s.label_coverage, s.simple_max_tags, cfg.seed)
     for name, observed in (("simply_labelled_fraction", fraction), ("label_purity", purity)):
         if not null:
             break
@@ -280,8 +335,9 @@ def score_text(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.D
         metrics[f"{name}_p"] = float((1 + (values >= observed).sum()) / (1 + len(values)))
     # the search objective: purity above what the same clusters give with shuffled tags
     metrics["label_purity_excess"] = purity - metrics.get("label_purity_null_mean", 0.0)
-    contexts = cluster_contexts(assign, lambda j: features(curves[:, :, j], cfg.cluster), labels, table,
-                                s.contexts)
+    contexts = cluster_contexts(
+        assign, lambda j: features(curves[:, :, j], cfg.cluster), labels, table, s.contexts
+    )
     return table, metrics, {"contexts": contexts}
 
 
@@ -295,8 +351,10 @@ def approximation_error(traj: dict) -> dict[str, float]:
     exact, paper = traj["exact_second"], traj["paper_second"]
     rmse = float(np.sqrt(np.mean((paper - exact) ** 2)))
     scale = float(np.sqrt(np.mean(exact**2)))
-    return {"paper_second_order_rmse": rmse,
-            "paper_second_order_relative_error": rmse / scale if scale > 0 else float("nan")}
+    return {
+        "paper_second_order_rmse": rmse,
+        "paper_second_order_relative_error": rmse / scale if scale > 0 else float("nan"),
+    }
 
 
 def trajectories_frame(traj: dict, labels: pd.DataFrame, first: str = "polca") -> pd.DataFrame:
@@ -328,9 +386,13 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike = ".", job: dict | None = No
     device = resolve_device(settings.device)
     cache = StageCache(settings.cache_dir, set(settings.force))
     tracker = tracking.start(
-        settings.logger, OmegaConf.to_container(cfg, resolve=True), run_dir,
-        group=job.get("group"), job_type=job.get("job_type", settings.method.name),
-        name=job.get("name"), tags=job.get("tags", []),
+        settings.logger,
+        OmegaConf.to_container(cfg, resolve=True),
+        run_dir,
+        group=job.get("group"),
+        job_type=job.get("job_type", settings.method.name),
+        name=job.get("name"),
+        tags=job.get("tags", []),
     )
     failed = True
     try:
@@ -355,36 +417,51 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
     with stage("basis", timings, memory):
         basis, basis_key = stage_basis(cfg, task, trained, train_key, cache, device, progress)
     with stage("decompose", timings, memory):
-        traj, _ = stage_decompose(cfg, task, trained, basis["vectors"], basis_key, "decompose",
-                                  cfg.polca.second_order, cache, device, progress)
+        traj, _ = stage_decompose(
+            cfg,
+            task,
+            trained,
+            basis["vectors"],
+            basis_key,
+            "decompose",
+            cfg.polca.second_order,
+            cache,
+            device,
+            progress,
+        )
         lca = None
         if METHODS[cfg.method.name].per_parameter:
             params = lca_parameters(trained)
             unit = torch.zeros(trained["snapshots"].shape[1], len(params))
             unit[params, torch.arange(len(params))] = 1.0
-            lca, _ = stage_decompose(cfg, task, trained, unit, f"{train_key}/lca", "trajectories",
-                                     "none", cache, device, progress)
+            lca, _ = stage_decompose(
+                cfg, task, trained, unit, f"{train_key}/lca", "trajectories", "none", cache, device, progress
+            )
             lca = {**lca, "parameters": params}
     with stage("cluster+score", timings, memory):
         metrics, tables, assign, curves = analyse(cfg, task, cfg.method.name, traj, lca)
     table = tables["clusters"]
     metrics.update(approximation_error(traj))
     final_acc = trained["history"][trained["history"].step == trained["history"].step.max()]
-    metrics.update({
-        "final_accuracy": float(np.average(final_acc.accuracy, weights=final_acc.tokens)),
-        "basis_residual_max": float(np.nanmax(basis["residuals"].numpy()))
-        if basis["hvps"] else float("nan"),
-        "basis_hvps": int(basis["hvps"]),
-        "cache_hits": dict(cache.hits),
-        "seconds": {**timings, "train_compute": float(trained["seconds"])},
-        "peak_memory_mb": peak_memory_mb(),
-        "peak_memory_mb_after": memory,
-    })
+    metrics.update(
+        {
+            "final_accuracy": float(np.average(final_acc.accuracy, weights=final_acc.tokens)),
+            "basis_residual_max": float(np.nanmax(basis["residuals"].numpy()))
+            if basis["hvps"]
+            else float("nan"),
+            "basis_hvps": int(basis["hvps"]),
+            "cache_hits": dict(cache.hits),
+            "seconds": {**timings, "train_compute": float(trained["seconds"])},
+            "peak_memory_mb": peak_memory_mb(),
+            "peak_memory_mb_after": memory,
+        }
+    )
     with stage("report", timings, memory):
         from polca_study import report
 
-        write_atomic(run_dir / "summary.json",
-                     lambda p: p.write_text(json.dumps(metrics, indent=2, default=_jsonable)))
+        write_atomic(
+            run_dir / "summary.json", lambda p: p.write_text(json.dumps(metrics, indent=2, default=_jsonable))
+        )
         write_atomic(run_dir / "clusters.csv", lambda p: table.to_csv(p, index=False))
         if cfg.save_trajectories:
             frame = trajectories_frame(traj, labels)
@@ -396,26 +473,40 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
             markdown = report.text_clusters_markdown(metrics, table, contexts)
             write_atomic(run_dir / "clusters.md", lambda p: p.write_text(markdown))
             tracker.table("cluster_contexts", report.contexts_table(table, contexts))
-        figures = report.figures(run_dir, task.name, trained["history"], curves, assign, labels,
-                                 table) if cfg.figures else {}
+        figures = (
+            report.figures(run_dir, task.name, trained["history"], curves, assign, labels, table)
+            if cfg.figures
+            else {}
+        )
         tracker.summary(_flat_summary(metrics))
         tracker.images(figures)
         tracker.table("clusters", table)
         if cfg.logger.log_artifacts and cfg.save_trajectories:
-            tracker.artifact(f"trajectories-{cfg.method.name}", "trajectories",
-                             [run_dir / "trajectories.parquet", run_dir / "clusters.csv"])
+            tracker.artifact(
+                f"trajectories-{cfg.method.name}",
+                "trajectories",
+                [run_dir / "trajectories.parquet", run_dir / "clusters.csv"],
+            )
     if task.name == "arithmetic":
-        log.info("carry_recovery %.3f, top carry homogeneity %s, coverage %.2f",
-                 metrics["carry_recovery"],
-                 [round(r["carry_homogeneity"], 3) for r in metrics["top_carry"]], metrics["coverage"])
+        log.info(
+            "carry_recovery %.3f, top carry homogeneity %s, coverage %.2f",
+            metrics["carry_recovery"],
+            [round(r["carry_homogeneity"], 3) for r in metrics["top_carry"]],
+            metrics["coverage"],
+        )
     else:
-        log.info("simply-labelled fraction %.3f (null mean %.3f), label purity %.3f (null mean %.3f), "
-                 "%d of %d clusters simply labelled, coverage %.2f; labels and contexts in %s",
-                 metrics["simply_labelled_fraction"],
-                 metrics.get("simply_labelled_fraction_null_mean", float("nan")), metrics["label_purity"],
-                 metrics.get("label_purity_null_mean", float("nan")),
-                 metrics["simply_labelled_clusters"], metrics["clusters"], metrics["coverage"],
-                 run_dir / "clusters.md")
+        log.info(
+            "simply-labelled fraction %.3f (null mean %.3f), label purity %.3f (null mean %.3f), "
+            "%d of %d clusters simply labelled, coverage %.2f; labels and contexts in %s",
+            metrics["simply_labelled_fraction"],
+            metrics.get("simply_labelled_fraction_null_mean", float("nan")),
+            metrics["label_purity"],
+            metrics.get("label_purity_null_mean", float("nan")),
+            metrics["simply_labelled_clusters"],
+            metrics["clusters"],
+            metrics["coverage"],
+            run_dir / "clusters.md",
+        )
     return metrics
 
 
@@ -427,8 +518,10 @@ def _log_history(tracker, history: pd.DataFrame, train_loss: pd.DataFrame | None
     train = {} if train_loss is None else dict(zip(train_loss.step, train_loss.loss, strict=True))
     for step, rows in history.groupby("step"):
         w = rows.tokens
-        data = {"eval/loss": float(np.average(rows.loss, weights=w)),
-                "eval/accuracy": float(np.average(rows.accuracy, weights=w))}
+        data = {
+            "eval/loss": float(np.average(rows.loss, weights=w)),
+            "eval/accuracy": float(np.average(rows.accuracy, weights=w)),
+        }
         if step in train:
             data["train/loss"] = train[step]
         for r in rows.itertuples():

@@ -150,8 +150,7 @@ def build_basis(
     d = first.shape[0]
     if len(checkpoints) * k >= d:
         raise ValueError(
-            f"k * len(checkpoints) = {len(checkpoints) * k} must be below the number of "
-            f"parameters d={d}"
+            f"k * len(checkpoints) = {len(checkpoints) * k} must be below the number of parameters d={d}"
         )
     dtype, device = first.dtype, first.device
     ncv = min(d - 1, ncv or max(2 * k + 4, 6))
@@ -176,7 +175,12 @@ def build_basis(
         v0 = project(torch.as_tensor(rng.standard_normal(d), dtype=dtype, device=device))
         try:
             vals, vecs = eigsh(
-                operator, k=k, which="LA", tol=tol, maxiter=maxiter, ncv=ncv,
+                operator,
+                k=k,
+                which="LA",
+                tol=tol,
+                maxiter=maxiter,
+                ncv=ncv,
                 v0=v0.double().cpu().numpy(),
             )
         except ArpackNoConvergence as err:
@@ -536,8 +540,9 @@ class ModuleLoss:
         covered = set()
         for mod_name, mod in self.module.named_modules():
             if _projector(mod) is not None:
-                covered |= {f"{mod_name}.{n}" if mod_name else n for n, _ in
-                            mod.named_parameters(recurse=False)}
+                covered |= {
+                    f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False)
+                }
         return [n for n in self.names if n not in covered]
 
     def directional(self, theta: Tensor, vectors: Tensor, route: str = "auto"):
@@ -553,13 +558,17 @@ class ModuleLoss:
                 f"{missing[:5]}: use route='forward'"
             )
         S = self.positions()[0]
-        parts = [self._reverse(theta.detach(), vectors, _slice(self.batch, i, self.chunk_sequences))
-                 for i in range(0, S, self.chunk_sequences)]
+        parts = [
+            self._reverse(theta.detach(), vectors, _slice(self.batch, i, self.chunk_sequences))
+            for i in range(0, S, self.chunk_sequences)
+        ]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _reverse(self, theta: Tensor, vectors: Tensor, batch) -> tuple[Tensor, Tensor]:
-        basis = {n: b.reshape(*s, -1) for n, b, s in
-                 zip(self.names, vectors.split(self.sizes), self.shapes, strict=True)}
+        basis = {
+            n: b.reshape(*s, -1)
+            for n, b, s in zip(self.names, vectors.split(self.sizes), self.shapes, strict=True)
+        }
         params = {n: p.requires_grad_(True) for n, p in self.unflatten(theta.clone()).items()}
         records: list[tuple[nn.Module, str, tuple, Tensor]] = []
         prefix = {mod: name for name, mod in self.module.named_modules()}
@@ -567,9 +576,11 @@ class ModuleLoss:
         def hook(mod, inputs, output):
             records.append((mod, prefix[mod], inputs, output))
 
-        handles = [mod.register_forward_hook(hook) for mod in self.module.modules()
-                   if _projector(mod) is not None and any(True for _ in
-                                                          mod.parameters(recurse=False))]
+        handles = [
+            mod.register_forward_hook(hook)
+            for mod in self.module.modules()
+            if _projector(mod) is not None and any(True for _ in mod.parameters(recurse=False))
+        ]
         try:
             output = self.forward(_Bound(self.module, params), batch)
         finally:
@@ -580,14 +591,16 @@ class ModuleLoss:
         derivs = torch.zeros(S, P, vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
         outs = [r[3] for r in records]
         for p in range(P):
-            grads = torch.autograd.grad(token_losses[:, p].sum(), outs, retain_graph=p < P - 1,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                token_losses[:, p].sum(), outs, retain_graph=p < P - 1, allow_unused=True
+            )
             with torch.no_grad():  # the projections must not hold on to the graph
                 for (mod, name, inputs, _), g in zip(records, grads, strict=True):
                     if g is None:
                         continue
-                    local = {n: basis[f"{name}.{n}" if name else n]
-                             for n, _ in mod.named_parameters(recurse=False)}
+                    local = {
+                        n: basis[f"{name}.{n}" if name else n] for n, _ in mod.named_parameters(recurse=False)
+                    }
                     derivs[:, p] += _projector(mod)(inputs, g, local)
         records.clear()
         return token_losses.detach().reshape(-1), derivs.reshape(S * P, -1)

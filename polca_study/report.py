@@ -14,8 +14,15 @@ import pandas as pd  # noqa: E402
 PLACE_COLORS = {"1000s": "tab:purple", "100s": "tab:blue", "10s": "tab:orange", "1s": "tab:green"}
 
 
-def figures(run_dir: Path, task: str, history: pd.DataFrame, curves, assign: np.ndarray,
-            labels: pd.DataFrame, table: pd.DataFrame) -> dict[str, Path]:
+def figures(
+    run_dir: Path,
+    task: str,
+    history: pd.DataFrame,
+    curves,
+    assign: np.ndarray,
+    labels: pd.DataFrame,
+    table: pd.DataFrame,
+) -> dict[str, Path]:
     out_dir = Path(run_dir) / "figures"
     out_dir.mkdir(exist_ok=True)
     if task == "text":
@@ -24,10 +31,10 @@ def figures(run_dir: Path, task: str, history: pd.DataFrame, curves, assign: np.
         "learning_curves": learning_curves(history, table, out_dir / "learning_curves.png"),
     }
     if len(table):
-        paths["top_clusters"] = top_clusters(curves, assign, labels, table,
-                                             out_dir / "top_clusters.png")
-        paths["skill_composition"] = skill_composition(assign, labels, table,
-                                                       out_dir / "skill_composition.png")
+        paths["top_clusters"] = top_clusters(curves, assign, labels, table, out_dir / "top_clusters.png")
+        paths["skill_composition"] = skill_composition(
+            assign, labels, table, out_dir / "skill_composition.png"
+        )
     return paths
 
 
@@ -36,8 +43,13 @@ def learning_curves(history: pd.DataFrame, table: pd.DataFrame, path: Path) -> P
     with cluster breakthrough times marked."""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for (place, carry), rows in history.groupby(["place", "carry"], observed=True):
-        ax_acc.plot(rows.step, rows.accuracy, color=PLACE_COLORS.get(str(place)),
-                    ls="-" if carry else "--", label=f"{place} {'carry' if carry else 'no carry'}")
+        ax_acc.plot(
+            rows.step,
+            rows.accuracy,
+            color=PLACE_COLORS.get(str(place)),
+            ls="-" if carry else "--",
+            label=f"{place} {'carry' if carry else 'no carry'}",
+        )
     ax_acc.set(xlabel="step", ylabel="accuracy", title="evaluation accuracy by place")
     ax_acc.legend(fontsize=7)
     aggregate_loss(ax_loss, history, table, yscale="log")
@@ -49,8 +61,7 @@ def learning_curves(history: pd.DataFrame, table: pd.DataFrame, path: Path) -> P
 
 def aggregate_loss(ax, history: pd.DataFrame, table: pd.DataFrame, yscale: str = "linear") -> None:
     """The token-weighted evaluation loss with the clusters' breakthrough steps marked."""
-    agg = history.groupby("step").apply(lambda r: np.average(r.loss, weights=r.tokens),
-                                        include_groups=False)
+    agg = history.groupby("step").apply(lambda r: np.average(r.loss, weights=r.tokens), include_groups=False)
     ax.plot(agg.index, agg.values, color="black", label="aggregate loss")
     for t in table.get("breakthrough_step", pd.Series(dtype=float)).dropna():
         ax.axvline(t, color="tab:red", alpha=0.15)
@@ -81,9 +92,14 @@ def _top_rows(table: pd.DataFrame, n: int = 6) -> pd.DataFrame:
 
 def top_clusters(curves, assign, labels, table, path: Path) -> Path:
     """Median and quartiles of the most carry-homogeneous clusters' curves (paper Fig. 1/4)."""
-    return cluster_curves(curves, assign, _top_rows(table), path,
-                          lambda r: f"carry {r.carry_homogeneity:.2f}, {r.place} {r.place_homogeneity:.2f}",
-                          lambda r: "tab:red" if r.carry_homogeneity >= 0.5 else "tab:gray")
+    return cluster_curves(
+        curves,
+        assign,
+        _top_rows(table),
+        path,
+        lambda r: f"carry {r.carry_homogeneity:.2f}, {r.place} {r.place_homogeneity:.2f}",
+        lambda r: "tab:red" if r.carry_homogeneity >= 0.5 else "tab:gray",
+    )
 
 
 def skill_composition(assign, labels, table, path: Path) -> Path:
@@ -113,8 +129,13 @@ def text_figures(out_dir: Path, history, curves, assign, labels, table) -> dict[
     paths = {"learning_curves": text_learning_curves(history, table, out_dir / "learning_curves.png")}
     if len(table):
         rows = _labelled_rows(table)
-        paths["top_clusters"] = cluster_curves(curves, assign, rows, out_dir / "top_clusters.png",
-                                               lambda r: f"purity {r.label_purity:.2f}: {r.label}")
+        paths["top_clusters"] = cluster_curves(
+            curves,
+            assign,
+            rows,
+            out_dir / "top_clusters.png",
+            lambda r: f"purity {r.label_purity:.2f}: {r.label}",
+        )
     return paths
 
 
@@ -155,14 +176,20 @@ def text_clusters_markdown(metrics: dict, table: pd.DataFrame, contexts: pd.Data
         f"# Clusters of {metrics['method']} on text",
         "",
         f"- simply-labelled fraction of basis vectors: {metrics['simply_labelled_fraction']:.3f}"
-        + (f" (permutation null mean {metrics['simply_labelled_fraction_null_mean']:.3f}, "
-           f"95th percentile {metrics['simply_labelled_fraction_null95']:.3f}, "
-           f"p = {metrics['simply_labelled_fraction_p']:.3f})"
-           if "simply_labelled_fraction_p" in metrics else ""),
+        + (
+            f" (permutation null mean {metrics['simply_labelled_fraction_null_mean']:.3f}, "
+            f"95th percentile {metrics['simply_labelled_fraction_null95']:.3f}, "
+            f"p = {metrics['simply_labelled_fraction_p']:.3f})"
+            if "simply_labelled_fraction_p" in metrics
+            else ""
+        ),
         f"- label purity (the purest cluster's least pure position, by its top tags; mean over "
         f"basis vectors): {metrics['label_purity']:.3f}"
-        + (f" (null mean {metrics['label_purity_null_mean']:.3f}, p = {metrics['label_purity_p']:.3f})"
-           if "label_purity_p" in metrics else ""),
+        + (
+            f" (null mean {metrics['label_purity_null_mean']:.3f}, p = {metrics['label_purity_p']:.3f})"
+            if "label_purity_p" in metrics
+            else ""
+        ),
         f"- clusters: {metrics['clusters']}, simply labelled: {metrics['simply_labelled_clusters']}, "
         f"hidden breakthroughs: {metrics['hidden_breakthrough_fraction']:.2f}, "
         f"token coverage: {metrics['coverage']:.2f}",
@@ -173,8 +200,9 @@ def text_clusters_markdown(metrics: dict, table: pd.DataFrame, contexts: pd.Data
     order = table.sort_values(["simply_labelled", "label_purity"], ascending=False)
     for r in order.to_dict("records"):  # records: columns like purity_w-3 are not identifiers
         step = r.get("breakthrough_step", np.nan)
-        when = "" if pd.isna(step) else \
-            f", breakthrough at step {int(step)}{' (hidden)' if r['hidden'] else ''}"
+        when = (
+            "" if pd.isna(step) else f", breakthrough at step {int(step)}{' (hidden)' if r['hidden'] else ''}"
+        )
         purities = ", ".join(f"{r[f'purity_w{p}']:.2f}" for p in ("-3", "-2", "-1", "0"))
         lines += [
             f"## vector {r['vector']}, cluster {r['cluster']}: `{r['label']}`"

@@ -39,8 +39,9 @@ def membership(assign: np.ndarray) -> tuple[sparse.csr_matrix, np.ndarray, np.nd
     return matrix, np.asarray(vec, dtype=int), np.asarray(lab, dtype=int)
 
 
-def carry_stats(members: sparse.csr_matrix, carry: np.ndarray, place: np.ndarray,
-                threshold: float) -> dict[str, np.ndarray]:
+def carry_stats(
+    members: sparse.csr_matrix, carry: np.ndarray, place: np.ndarray, threshold: float
+) -> dict[str, np.ndarray]:
     """Carry homogeneity, eligibility and place-wise Matthews correlation of every cluster
     (K,) for each column of `carry` (n, D): D = 1 for the data, D = draws for a null."""
     carry = carry.reshape(len(carry), -1).astype(float)
@@ -98,15 +99,19 @@ def cluster_table(assign: np.ndarray, labels: pd.DataFrame, threshold: float = 0
     size = stats["size"]
     target = (carry & np.isin(place, ELIGIBLE_PLACES)).astype(float)
     clustered = (assign >= 0).astype(float)
-    table = pd.DataFrame({
-        "vector": vector, "cluster": cluster, "size": size.astype(int),
-        "carry_homogeneity": stats["carry_homogeneity"][:, 0],
-        "eligible": stats["eligible"][:, 0],
-        **_recall_f1("carry", stats["hits"][:, 0], size, (target @ clustered)[vector]),
-        "mcc": stats["mcc"][:, 0],
-        "place_share": stats["place_share"][:, 0],
-        "recovery": stats["recovery"][:, 0],
-    })
+    table = pd.DataFrame(
+        {
+            "vector": vector,
+            "cluster": cluster,
+            "size": size.astype(int),
+            "carry_homogeneity": stats["carry_homogeneity"][:, 0],
+            "eligible": stats["eligible"][:, 0],
+            **_recall_f1("carry", stats["hits"][:, 0], size, (target @ clustered)[vector]),
+            "mcc": stats["mcc"][:, 0],
+            "place_share": stats["place_share"][:, 0],
+            "recovery": stats["recovery"][:, 0],
+        }
+    )
     mt = members.T.tocsr()
     for skill, y in (("place", place), ("value", labels["value"].to_numpy())):
         values, codes = np.unique(y, return_inverse=True)
@@ -163,8 +168,9 @@ def carry_recovery(table: pd.DataFrame) -> float:
     return float(max(pool["recovery"].max(), 0.0)) if len(pool) else 0.0
 
 
-def _shuffles(carry: np.ndarray, groups: list[np.ndarray], draws: int,
-              rng: np.random.Generator) -> np.ndarray:
+def _shuffles(
+    carry: np.ndarray, groups: list[np.ndarray], draws: int, rng: np.random.Generator
+) -> np.ndarray:
     """(n, draws + 1) carry labels, column 0 the data; in the others each index group's
     labels are permuted among themselves."""
     out = np.repeat(carry[:, None], draws + 1, axis=1)
@@ -219,12 +225,15 @@ def filter_carry_rates(assign: np.ndarray, labels: pd.DataFrame) -> np.ndarray:
         return (kept & carry[:, None]).sum(axis=0) / kept.sum(axis=0)
 
 
-def ami_and_coverage(assign: np.ndarray, labels: pd.DataFrame,
-                     skills: tuple[str, ...] = ("carry", "place", "value")) -> dict[str, float]:
+def ami_and_coverage(
+    assign: np.ndarray, labels: pd.DataFrame, skills: tuple[str, ...] = ("carry", "place", "value")
+) -> dict[str, float]:
     """Adjusted mutual information of clusters with each skill over clustered tokens,
     averaged over vectors, and coverage (share of tokens neither filtered nor outliers)."""
-    out = {"coverage": float((assign >= 0).mean()),
-           "coverage_per_vector": (assign >= 0).mean(axis=0).round(4).tolist()}
+    out = {
+        "coverage": float((assign >= 0).mean()),
+        "coverage_per_vector": (assign >= 0).mean(axis=0).round(4).tolist(),
+    }
     for skill in skills:
         y = labels[skill].astype(str).to_numpy()
         scores = []
@@ -276,11 +285,18 @@ def cluster_breakthroughs(
         for c in np.unique(assign[assign[:, j] >= 0, j]):
             mean = curves[assign[:, j] == c, :, j].mean(axis=0)
             t = breakthrough_time(mean, steps, delta)
-            rows.append({"vector": j, "cluster": int(c), "breakthrough_step": t,
-                         "breakthrough_onset_step": breakthrough_onset(mean, steps, delta),
-                         "hidden": t > hidden_after})
-    return pd.DataFrame(rows, columns=["vector", "cluster", "breakthrough_step",
-                                       "breakthrough_onset_step", "hidden"])
+            rows.append(
+                {
+                    "vector": j,
+                    "cluster": int(c),
+                    "breakthrough_step": t,
+                    "breakthrough_onset_step": breakthrough_onset(mean, steps, delta),
+                    "hidden": t > hidden_after,
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["vector", "cluster", "breakthrough_step", "breakthrough_onset_step", "hidden"]
+    )
 
 
 def carry_probe_auc(curves: np.ndarray, labels: pd.DataFrame, folds: int = 5, seed: int = 0) -> float:

@@ -36,19 +36,42 @@ def make_task(dataset, cache=None) -> Task:
     if dataset.name == "arithmetic":
         from polca_study.data import arithmetic
 
-        data = arithmetic.ArithmeticData(dataset.eval_size, dataset.hessian_size, dataset.carry_rate,
-                                         dataset.seed)
+        data = arithmetic.ArithmeticData(
+            dataset.eval_size, dataset.hessian_size, dataset.carry_rate, dataset.seed
+        )
         split = data.eval_split()
-        return Task("arithmetic", asdict(dataset), arithmetic.SEQ_LEN, arithmetic.VOCAB_SIZE, split,
-                    data.hessian_split, data.train_batches, arithmetic.token_loss, arithmetic.evaluate,
-                    split.labels["place"].astype(str).to_numpy(), "carry_recovery_excess", data)
+        return Task(
+            "arithmetic",
+            asdict(dataset),
+            arithmetic.SEQ_LEN,
+            arithmetic.VOCAB_SIZE,
+            split,
+            data.hessian_split,
+            data.train_batches,
+            arithmetic.token_loss,
+            arithmetic.evaluate,
+            split.labels["place"].astype(str).to_numpy(),
+            "carry_recovery_excess",
+            data,
+        )
     if dataset.name == "text":
         from polca_study.data import text
 
         data = text.TextData(dataset, cache)
         split = data.eval_split()
         # text has no digit places: grouping=place clusters all tokens together
-        return Task("text", data.spec, data.n_ctx, data.d_vocab, split, data.hessian_split,
-                    data.train_batches, text.token_loss, text.evaluate,
-                    np.zeros(len(split.labels), dtype=int), "label_purity_excess", data)
+        return Task(
+            "text",
+            data.spec,
+            data.n_ctx,
+            data.d_vocab,
+            split,
+            data.hessian_split,
+            data.train_batches,
+            text.token_loss,
+            text.evaluate,
+            np.zeros(len(split.labels), dtype=int),
+            "label_purity_excess",
+            data,
+        )
     raise ValueError(f"dataset.name must be one of ['arithmetic', 'text'], got {dataset.name!r}")

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_mode(mode: str) -> str:
-    """"auto" is online with WANDB_API_KEY set, offline otherwise (never waits on a login)."""
+    """ "auto" is online with WANDB_API_KEY set, offline otherwise (never waits on a login)."""
     if mode == "auto":
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return mode

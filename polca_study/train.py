@@ -48,7 +48,8 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimize
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
     )
 
 

@@ -45,8 +45,12 @@ def best_settings(storage: str, study_name: str) -> dict[str, dict]:
         if not done:
             continue
         best = study.best_trial
-        out[method] = {"value": float(best.value), "trial": best.number, "trials": len(done),
-                       "params": dict(best.params)}
+        out[method] = {
+            "value": float(best.value),
+            "trial": best.number,
+            "trials": len(done),
+            "params": dict(best.params),
+        }
     return out
 
 
@@ -63,19 +67,27 @@ def export_tuned(sweep_dir: Path, storage: str, study_name: str) -> dict[str, di
     best = best_settings(storage, study_name)
     out = Path(sweep_dir) / "tuned" / "method"
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| method | best objective (mean over tuning seeds) | trial | trials | settings |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| method | best objective (mean over tuning seeds) | trial | trials | settings |",
+        "|---|---|---|---|---|",
+    ]
     for method, b in sorted(best.items()):
-        note = (f"Tuned by study {study_name}-{method}: best of {b['trials']} trials, "
-                f"objective {b['value']:.4f} (trial {b['trial']}).")
+        note = (
+            f"Tuned by study {study_name}-{method}: best of {b['trials']} trials, "
+            f"objective {b['value']:.4f} (trial {b['trial']})."
+        )
         text = method_yaml(method, b["params"], note)
         write_atomic(out / f"{method}.yaml", lambda p, t=text: p.write_text(t))
         settings = ", ".join(f"{k.removeprefix('cluster.')}={v}" for k, v in sorted(b["params"].items()))
         lines.append(f"| {method} | {b['value']:.4f} | {b['trial']} | {b['trials']} | {settings} |")
     summary = "\n".join(lines) + "\n"
     write_atomic(out.parent / "summary.md", lambda p: p.write_text(summary))
-    log.info("tuned settings of %d methods in %s; use them with: polca-study -cd %s ...",
-             len(best), out, out.parent)
+    log.info(
+        "tuned settings of %d methods in %s; use them with: polca-study -cd %s ...",
+        len(best),
+        out,
+        out.parent,
+    )
     return best
 
 

@@ -21,6 +21,8 @@ def require_corpus() -> None:
     if os.environ.get("POLCA_REQUIRE_CORPUS") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
 POLCA = [sys.executable, "-m", "polca_study"]
 
 
@@ -33,14 +35,26 @@ def compose_config(overrides=()):
 @pytest.fixture
 def tiny_overrides(tmp_path):
     """A seconds-long study writing its cache and runs into tmp_path."""
-    return ["experiment=tiny", "logger=offline", f"cache_dir={tmp_path / 'cache'}",
-            "progress=false", "figures=false", "num_threads=1"]
+    return [
+        "experiment=tiny",
+        "logger=offline",
+        f"cache_dir={tmp_path / 'cache'}",
+        "progress=false",
+        "figures=false",
+        "num_threads=1",
+    ]
 
 
 @pytest.fixture
 def env(tmp_path):
     e = dict(os.environ)
-    e.update({"WANDB_API_KEY": "", "WANDB_SILENT": "true", "POLCA_CACHE_DIR": str(tmp_path / "cache"),
-              "HYDRA_FULL_ERROR": "0"})
+    e.update(
+        {
+            "WANDB_API_KEY": "",
+            "WANDB_SILENT": "true",
+            "POLCA_CACHE_DIR": str(tmp_path / "cache"),
+            "HYDRA_FULL_ERROR": "0",
+        }
+    )
     e.pop("WANDB_API_KEY")
     return e

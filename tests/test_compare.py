@@ -36,8 +36,9 @@ def test_bootstrap_interval_covers_the_known_mean_and_shrinks_with_seeds():
 def test_sign_flip_p_against_enumeration_by_hand():
     d = np.array([0.1, 0.2, 0.3, -0.05, 0.15])
     observed = abs(d.mean())
-    count = sum(abs(np.mean(np.array(s) * d)) >= observed - 1e-12
-                for s in itertools.product((1, -1), repeat=5))
+    count = sum(
+        abs(np.mean(np.array(s) * d)) >= observed - 1e-12 for s in itertools.product((1, -1), repeat=5)
+    )
     assert sign_flip_p(d) == count / 32
     assert sign_flip_p(np.ones(5)) == 2 / 32  # the smallest p five seeds can give
 
@@ -55,12 +56,24 @@ def test_tables_over_seeds_from_a_synthetic_sweep(tmp_path):
     for data in ("0.08", "null"):
         for s in range(5):
             common = [f"seed={s}", f"dataset.carry_rate={data}"]
-            _job(tmp_path, f"p{data}{s}", ["method=polca", *common],
-                 {"seed": s, "carry_recovery": 0.5 + 0.01 * s, "clusters": 10})
-            _job(tmp_path, f"l{data}{s}", ["method=loss", *common],
-                 {"seed": s, "carry_recovery": 0.2 + 0.02 * s, "clusters": 2})
-        _job(tmp_path, f"l{data}9", ["method=loss", "seed=9", f"dataset.carry_rate={data}"],
-             {"seed": 9, "carry_recovery": 0.9, "clusters": 2})
+            _job(
+                tmp_path,
+                f"p{data}{s}",
+                ["method=polca", *common],
+                {"seed": s, "carry_recovery": 0.5 + 0.01 * s, "clusters": 10},
+            )
+            _job(
+                tmp_path,
+                f"l{data}{s}",
+                ["method=loss", *common],
+                {"seed": s, "carry_recovery": 0.2 + 0.02 * s, "clusters": 2},
+            )
+        _job(
+            tmp_path,
+            f"l{data}9",
+            ["method=loss", "seed=9", f"dataset.carry_rate={data}"],
+            {"seed": 9, "carry_recovery": 0.9, "clusters": 2},
+        )
     frame = seed_frame(tmp_path)
     assert len(frame) == 22
     agg = aggregate_seeds(frame).set_index(["condition", "metric"])

@@ -37,29 +37,41 @@ def test_paper_preset_matches_the_paper():
     assert s.dataset.carry_rate is None
 
 
-@pytest.mark.parametrize("override, message", [
-    ("basis.k=0", "basis.k must be >= 1"),
-    ("cluster.min_cluster_size=-3", "cluster.min_cluster_size must be >= 2"),
-    ("polca.second_order=fourth", "polca.second_order must be one of"),
-    ("polca.interval=30", "polca.interval=30 must be a multiple of train.checkpoint_every"),
-    ("model.n_heads=3", "model.d_model (64) must be divisible by model.n_heads (3)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("basis.k=0", "basis.k must be >= 1"),
+        ("cluster.min_cluster_size=-3", "cluster.min_cluster_size must be >= 2"),
+        ("polca.second_order=fourth", "polca.second_order must be one of"),
+        ("polca.interval=30", "polca.interval=30 must be a multiple of train.checkpoint_every"),
+        ("model.n_heads=3", "model.d_model (64) must be divisible by model.n_heads (3)"),
+    ],
+)
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(compose_config([override]))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("basis.k=0", "basis.k must be >= 1"),
-    ("cluster.min_cluster_size=-3", "cluster.min_cluster_size must be >= 2"),
-    ("model=huge", "Could not find 'model/huge'"),
-    ("basis.kk=3", "Key 'kk' not in 'BasisConfig'"),
-    ("train.steps=many", "train.steps"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("basis.k=0", "basis.k must be >= 1"),
+        ("cluster.min_cluster_size=-3", "cluster.min_cluster_size must be >= 2"),
+        ("model=huge", "Could not find 'model/huge'"),
+        ("basis.kk=3", "Key 'kk' not in 'BasisConfig'"),
+        ("train.steps=many", "train.steps"),
+    ],
+)
 def test_cli_fails_fast_with_a_clear_message(override, message, tmp_path, env):
     cache = tmp_path / "cache"
-    proc = subprocess.run(POLCA + [override, f"cache_dir={cache}", f"hydra.run.dir={tmp_path}/run"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        POLCA + [override, f"cache_dir={cache}", f"hydra.run.dir={tmp_path}/run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
@@ -88,8 +100,11 @@ def test_schema_defaults_are_the_default_run():
             value = f.default if f.default is not MISSING else f.default_factory()
             if f.name == "dataset":
                 value = ArithmeticConfig
-            out[f.name] = defaults(value) if isinstance(value, type) and is_dataclass(value) else (
-                defaults(type(value)) if is_dataclass(value) else value)
+            out[f.name] = (
+                defaults(value)
+                if isinstance(value, type) and is_dataclass(value)
+                else (defaults(type(value)) if is_dataclass(value) else value)
+            )
         return out
 
     composed = OmegaConf.to_container(compose_config(), resolve=False)
@@ -97,8 +112,9 @@ def test_schema_defaults_are_the_default_run():
     differ = {}
     for key, value in schema.items():
         if isinstance(value, dict):
-            differ.update({f"{key}.{k}": (v, composed[key][k]) for k, v in value.items()
-                           if composed[key][k] != v})
+            differ.update(
+                {f"{key}.{k}": (v, composed[key][k]) for k, v in value.items() if composed[key][k] != v}
+            )
         elif composed[key] != value:
             differ[key] = (value, composed[key])
     assert differ == {}

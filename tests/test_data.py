@@ -24,8 +24,7 @@ def test_splits_are_seeded_and_disjoint():
     assert not set(data.eval_pairs) & set(data.hessian_pairs)
     inputs, _ = next(data.train_batches(512, seed=0))
     inputs = inputs.numpy()
-    pairs = set(inputs[:, :3] @ np.array([100, 10, 1]) * 1000
-                + inputs[:, 4:7] @ np.array([100, 10, 1]))
+    pairs = set(inputs[:, :3] @ np.array([100, 10, 1]) * 1000 + inputs[:, 4:7] @ np.array([100, 10, 1]))
     assert not pairs & set(data.eval_pairs)
 
 

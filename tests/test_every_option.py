@@ -33,8 +33,19 @@ def shared_cache(tmp_path_factory):
 def test_tiny_run(case, shared_cache, tmp_path, env):
     overrides, expected = CASES[case]
     run_dir = tmp_path / "run"
-    polca(["experiment=tiny", "logger=disabled", "progress=false", "figures=false", "num_threads=1",
-           f"cache_dir={shared_cache}", f"hydra.run.dir={run_dir}", *overrides], env)
+    polca(
+        [
+            "experiment=tiny",
+            "logger=disabled",
+            "progress=false",
+            "figures=false",
+            "num_threads=1",
+            f"cache_dir={shared_cache}",
+            f"hydra.run.dir={run_dir}",
+            *overrides,
+        ],
+        env,
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     for key, value in expected.items():
         assert summary[key] == value, key
@@ -42,9 +53,11 @@ def test_tiny_run(case, shared_cache, tmp_path, env):
     table = pd.read_csv(run_dir / "clusters.csv")
     eligible = table[table.eligible]
     assert summary["clusters"] == len(table)
-    assert summary["carry_recovery"] == pytest.approx(max(eligible.recovery.max(), 0.0)
-                                                      if len(eligible) else 0.0)
+    assert summary["carry_recovery"] == pytest.approx(
+        max(eligible.recovery.max(), 0.0) if len(eligible) else 0.0
+    )
     assert summary["carry_recovery_excess"] == pytest.approx(
-        summary["carry_recovery"] - summary["carry_recovery_null_mean"])
+        summary["carry_recovery"] - summary["carry_recovery_null_mean"]
+    )
     if case == "polca=exact":  # exact mode also measures the paper's approximation against it
         assert summary["paper_second_order_relative_error"] >= 0

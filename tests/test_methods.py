@@ -13,11 +13,13 @@ from tests.conftest import compose_config
 def traj():
     rng = np.random.default_rng(0)
     n, T, m = 30, 9, 3  # tokens, evaluation points, basis vectors
-    return {"steps": np.arange(T) * 25,
-            "losses": np.exp(-np.linspace(0, 2, T))[None] + rng.normal(0, 0.05, (n, T)),
-            "grads": rng.normal(size=(n, T, m)),
-            "first_order": rng.normal(-0.1, 0.1, (n, T - 1, m)),
-            "polca": rng.normal(-0.1, 0.1, (n, T - 1, m))}
+    return {
+        "steps": np.arange(T) * 25,
+        "losses": np.exp(-np.linspace(0, 2, T))[None] + rng.normal(0, 0.05, (n, T)),
+        "grads": rng.normal(size=(n, T, m)),
+        "first_order": rng.normal(-0.1, 0.1, (n, T - 1, m)),
+        "polca": rng.normal(-0.1, 0.1, (n, T - 1, m)),
+    }
 
 
 def expected(name, traj, lca):
@@ -29,8 +31,9 @@ def expected(name, traj, lca):
         return np.stack([L[:, t] - L[:, t - 1] for t in range(1, L.shape[1])], axis=1)[:, :, None]
     if name == "fisher":
         return traj["grads"] ** 2
-    source = {"lca": lca["first_order"], "polca_first_order": traj["first_order"],
-              "polca": traj["polca"]}[name]
+    source = {"lca": lca["first_order"], "polca_first_order": traj["first_order"], "polca": traj["polca"]}[
+        name
+    ]
     out = np.zeros_like(source)
     for t in range(source.shape[1]):
         out[:, t] = source[:, : t + 1].sum(axis=1)
@@ -59,8 +62,11 @@ def test_each_method_clusters_its_defined_trajectory_under_its_own_settings(name
         base = np.concatenate([base[:, :1], base[:, 1:] - base[:, :-1]], axis=1)
     else:
         assert settings.feature == "trajectory"
-    norm = {"zscore": zscore, "none": lambda x: x,
-            "final": lambda x: x / np.where(np.abs(want[:, -1:, 0]) > 0, np.abs(want[:, -1:, 0]), 1)}
+    norm = {
+        "zscore": zscore,
+        "none": lambda x: x,
+        "final": lambda x: x / np.where(np.abs(want[:, -1:, 0]) > 0, np.abs(want[:, -1:, 0]), 1),
+    }
     np.testing.assert_allclose(got, norm[settings.normalize](base), atol=1e-12)
 
 

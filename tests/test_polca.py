@@ -57,10 +57,14 @@ def brute_force(loss_fn, theta, theta_next, vectors, mode):
         t0 = theta.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(loss_fn(t0)[i], t0, create_graph=True)
         grads.append(g.detach())
-        curvs.append(torch.stack([
-            vectors[:, j] @ torch.autograd.grad(g @ vectors[:, j], t0, retain_graph=True)[0]
-            for j in range(vectors.shape[1])
-        ]))
+        curvs.append(
+            torch.stack(
+                [
+                    vectors[:, j] @ torch.autograd.grad(g @ vectors[:, j], t0, retain_graph=True)[0]
+                    for j in range(vectors.shape[1])
+                ]
+            )
+        )
         t1 = theta_next.clone().requires_grad_(True)
         grads_next.append(torch.autograd.grad(loss_fn(t1)[i], t1)[0])
     G, G1 = torch.stack(grads) @ vectors, torch.stack(grads_next) @ vectors
@@ -222,8 +226,9 @@ def test_bad_input_raises_clear_errors():
 
 def tiny_transformer_loss(seed=0):
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=12, n_ctx=6,
-                                    d_vocab=5, init_std=0.5)).double()
+    model = Transformer(
+        ModelConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=12, n_ctx=6, d_vocab=5, init_std=0.5)
+    ).double()
     tokens = torch.randint(0, 5, (4, 6))
 
     def token_loss(logits, batch):  # loss at the last 3 positions: (S, 3)

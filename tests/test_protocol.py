@@ -15,17 +15,32 @@ from tests.test_study import polca, wandb_records
 
 pytestmark = pytest.mark.slow
 
-TINY = ["experiment=tiny", "num_threads=1", "cluster.min_cluster_size=int(interval(4, 10))",
-        "cluster.min_samples=int(interval(2, 5))"]
+TINY = [
+    "experiment=tiny",
+    "num_threads=1",
+    "cluster.min_cluster_size=int(interval(4, 10))",
+    "cluster.min_samples=int(interval(2, 5))",
+]
 
 
 def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(tmp_path, env):
     env = {**env, "POLCA_CACHE_DIR": str(tmp_path / "cache")}
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     tune_dir = tmp_path / "tune"
-    polca(["-m", "+sweep=tune_methods", *TINY, "logger=disabled", "hydra.sweeper.n_trials=2",
-           "hydra.sweeper.average_over.seed=[1,2]", f"hydra.sweeper.storage={storage}",
-           f"hydra.sweep.dir={tune_dir}"], env, timeout=900)
+    polca(
+        [
+            "-m",
+            "+sweep=tune_methods",
+            *TINY,
+            "logger=disabled",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.average_over.seed=[1,2]",
+            f"hydra.sweeper.storage={storage}",
+            f"hydra.sweep.dir={tune_dir}",
+        ],
+        env,
+        timeout=900,
+    )
     studies = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     assert set(studies) == {f"tune_methods-{m}" for m in METHODS}
     spaces = []
@@ -45,13 +60,42 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
 
     # held out: seeds 3 and 4, every method and ablation, tuned and paper protocols
     compare_dir = tmp_path / "compare"
-    polca(["-cd", str(tuned), "-m", "+sweep=compare_methods", "experiment=tiny", "num_threads=1",
-           "logger=offline", "seed=3,4", "dataset.carry_rate=0.08",
-           "method=loss,loss_change,fisher,lca,polca_first_order,polca,random_basis,shuffled_basis",
-           f"hydra.sweep.dir={compare_dir}"], env, timeout=900)
-    polca(["-cd", str(tuned), "-m", "+sweep=compare_methods", "experiment=tiny", "num_threads=1",
-           "logger=disabled", "seed=3,4", "dataset.carry_rate=0.08", "method=polca",
-           "polca=exact,paper", "cluster=tuned", f"hydra.sweep.dir={compare_dir}"], env, timeout=900)
+    polca(
+        [
+            "-cd",
+            str(tuned),
+            "-m",
+            "+sweep=compare_methods",
+            "experiment=tiny",
+            "num_threads=1",
+            "logger=offline",
+            "seed=3,4",
+            "dataset.carry_rate=0.08",
+            "method=loss,loss_change,fisher,lca,polca_first_order,polca,random_basis,shuffled_basis",
+            f"hydra.sweep.dir={compare_dir}",
+        ],
+        env,
+        timeout=900,
+    )
+    polca(
+        [
+            "-cd",
+            str(tuned),
+            "-m",
+            "+sweep=compare_methods",
+            "experiment=tiny",
+            "num_threads=1",
+            "logger=disabled",
+            "seed=3,4",
+            "dataset.carry_rate=0.08",
+            "method=polca",
+            "polca=exact,paper",
+            "cluster=tuned",
+            f"hydra.sweep.dir={compare_dir}",
+        ],
+        env,
+        timeout=900,
+    )
     jobs = sorted(compare_dir.rglob("summary.json"))
     assert len(jobs) == 2 * 8 * 2 + 2 * 2
     # the tuned settings were used (but the sizes, which experiment=tiny sets for its scale)
@@ -68,8 +112,12 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
     baselines = set(paired[paired.metric == "carry_recovery"].baseline)
     assert {"method=loss", "method=lca", "method=random_basis", "method=polca, polca=exact"} <= baselines
     summary = json.loads(jobs[0].read_text())
-    assert {"carry_recovery_excess", "carry_recovery_null_mean", "filter_carry_rate_max",
-            "aggregate_breakthrough_step"} <= set(summary)
+    assert {
+        "carry_recovery_excess",
+        "carry_recovery_null_mean",
+        "filter_carry_rate_max",
+        "aggregate_breakthrough_step",
+    } <= set(summary)
     assert not any(k.startswith("null_") for k in summary)
     # each job is a W&B run in the comparison's group, with its seed and method
     records = json.dumps(wandb_records(job))
@@ -82,8 +130,14 @@ def test_tuned_settings_are_found_by_an_installed_cli_with_config_dir(tmp_path):
 
     (tmp_path / "method").mkdir()
     (tmp_path / "method" / "loss.yaml").write_text(
-        "# @package _global_\nmethod:\n  name: loss\ncluster:\n  min_cluster_size: 77\n")
-    out = subprocess.run(POLCA + ["-cd", str(tmp_path), "method=loss", "--cfg", "job"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+        "# @package _global_\nmethod:\n  name: loss\ncluster:\n  min_cluster_size: 77\n"
+    )
+    out = subprocess.run(
+        POLCA + ["-cd", str(tmp_path), "method=loss", "--cfg", "job"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "min_cluster_size: 77" in out.stdout

@@ -103,8 +103,10 @@ def test_null_within_the_filter_gives_a_random_clustering_of_carry_tokens_no_cre
     # the same clusters with carry shuffled over whole places (the tokens counted as
     # outliers, not filtered) look significant: what the filter did is credited to them
     whole_place = np.where(assign == -2, -1, assign)
-    assert permutation_null(whole_place, labels, draws=50, threshold=0.85, seed=1)[
-        "top_carry_homogeneity_p"] < 0.05
+    assert (
+        permutation_null(whole_place, labels, draws=50, threshold=0.85, seed=1)["top_carry_homogeneity_p"]
+        < 0.05
+    )
 
 
 def test_filter_carry_rates_against_a_direct_count(labels):
@@ -150,8 +152,9 @@ def test_hdbscan_recovers_planted_groups_and_filters_rising_tokens():
     rising = -late[:20]
     curves = np.vstack([early, late, rising])
     rises = curves[:, -1] > 0
-    s = ClusterConfig(min_cluster_size=20, min_samples=5, normalize="none",
-                        feature="trajectory", grouping="none")
+    s = ClusterConfig(
+        min_cluster_size=20, min_samples=5, normalize="none", feature="trajectory", grouping="none"
+    )
     assign = cluster_curves(curves, np.zeros(len(curves)), s, rises)
     assert (assign[160:] == -2).all()
     a, b = assign[:80], assign[80:160]

@@ -16,8 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def polca(args, env, timeout=600):
-    proc = subprocess.run(POLCA + args, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(POLCA + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -25,8 +24,12 @@ def polca(args, env, timeout=600):
 def wandb_records(run_dir: Path) -> list[dict]:
     """The offline run read back from its .wandb log."""
     (wandb_dir,) = list((run_dir / "wandb").glob("offline-run-*"))
-    out = subprocess.run([str(Path(POLCA[0]).parent / "wandb"), "leet", "inspect", "--json",
-                          str(wandb_dir)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(Path(POLCA[0]).parent / "wandb"), "leet", "inspect", "--json", str(wandb_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
@@ -35,11 +38,19 @@ def test_tiny_study_writes_outputs_and_an_offline_wandb_run(tmp_path, tiny_overr
     run_dir = tmp_path / "run"
     polca(tiny_overrides + ["figures=true", "polca=exact", f"hydra.run.dir={run_dir}"], env)
     summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ("carry_recovery", "top_carry", "coverage", "ami_carry",
-                "top_carry_homogeneity_null95", "carry_recovery_excess",
-                "carry_recovery_null_mean", "filter_carry_rate_max", "aggregate_breakthrough_step",
-                "hidden_breakthrough_fraction",
-                "paper_second_order_rmse"):
+    for key in (
+        "carry_recovery",
+        "top_carry",
+        "coverage",
+        "ami_carry",
+        "top_carry_homogeneity_null95",
+        "carry_recovery_excess",
+        "carry_recovery_null_mean",
+        "filter_carry_rate_max",
+        "aggregate_breakthrough_step",
+        "hidden_breakthrough_fraction",
+        "paper_second_order_rmse",
+    ):
         assert key in summary
     assert 0.0 <= summary["carry_recovery"] <= 1.0
     frame = pd.read_parquet(run_dir / "trajectories.parquet")
@@ -49,8 +60,15 @@ def test_tiny_study_writes_outputs_and_an_offline_wandb_run(tmp_path, tiny_overr
     assert (run_dir / "figures" / "top_clusters.png").stat().st_size > 1000
     records = wandb_records(run_dir)
     text = json.dumps(records)
-    for logged in ("eval/loss", "train/loss", "eval_accuracy/10s_carry", "carry_recovery",
-                   "figures/learning_curves", "clusters", "trajectories-polca"):
+    for logged in (
+        "eval/loss",
+        "train/loss",
+        "eval_accuracy/10s_carry",
+        "carry_recovery",
+        "figures/learning_curves",
+        "clusters",
+        "trajectories-polca",
+    ):
         assert logged in text, logged
 
 
@@ -73,10 +91,15 @@ def test_multirun_over_clustering_reuses_cached_stages(tmp_path, tiny_overrides,
 
 def test_killed_run_resumes_without_recomputing_finished_stages(tmp_path, tiny_overrides, env):
     cache = tmp_path / "cache"
-    args = tiny_overrides + ["polca.interval=10", "dataset.eval_size=400", "basis.interval=20",
-                             f"hydra.run.dir={tmp_path}/run"]
-    proc = subprocess.Popen(POLCA + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = tiny_overrides + [
+        "polca.interval=10",
+        "dataset.eval_size=400",
+        "basis.interval=20",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    proc = subprocess.Popen(
+        POLCA + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not list((cache / "basis").glob("[!.]*")) and time.time() < deadline:
         time.sleep(0.05)
@@ -103,17 +126,32 @@ def test_corrupt_cache_entry_is_recomputed(tmp_path, tiny_overrides, env):
 
 def test_tiny_text_study_labels_clusters_with_nearest_contexts(tmp_path, env):
     require_corpus()
-    args = ["experiment=tiny_text", "logger=offline", f"cache_dir={tmp_path / 'cache'}", "progress=false",
-            "num_threads=1", "cluster.min_cluster_size=4", "cluster.min_samples=2"]
+    args = [
+        "experiment=tiny_text",
+        "logger=offline",
+        f"cache_dir={tmp_path / 'cache'}",
+        "progress=false",
+        "num_threads=1",
+        "cluster.min_cluster_size=4",
+        "cluster.min_samples=2",
+    ]
     run_dir = tmp_path / "run"
     polca(args + [f"hydra.run.dir={run_dir}"], env)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dataset"] == "text" and summary["objective"] == "label_purity_excess"
     assert summary["clusters"] > 0
     assert 0.0 <= summary["simply_labelled_fraction"] <= 1.0
-    for key in ("simply_labelled_fraction_null_mean", "simply_labelled_fraction_p", "ami_tag_w0",
-                "label_purity", "label_purity_null_mean", "label_purity_p", "label_purity_excess",
-                "hidden_breakthrough_fraction", "coverage"):
+    for key in (
+        "simply_labelled_fraction_null_mean",
+        "simply_labelled_fraction_p",
+        "ami_tag_w0",
+        "label_purity",
+        "label_purity_null_mean",
+        "label_purity_p",
+        "label_purity_excess",
+        "hidden_breakthrough_fraction",
+        "coverage",
+    ):
         assert key in summary
     table = pd.read_csv(run_dir / "clusters.csv")
     assert len(table) == summary["clusters"]
@@ -121,8 +159,9 @@ def test_tiny_text_study_labels_clusters_with_nearest_contexts(tmp_path, env):
     contexts = pd.read_csv(run_dir / "contexts.csv", keep_default_na=False)
     per_cluster = contexts.groupby(["vector", "cluster"]).size()
     assert len(per_cluster) == len(table)
-    assert (per_cluster == np.minimum(table.set_index(["vector", "cluster"])["size"], 10)
-            .loc[per_cluster.index]).all()
+    assert (
+        per_cluster == np.minimum(table.set_index(["vector", "cluster"])["size"], 10).loc[per_cluster.index]
+    ).all()
     markdown = (run_dir / "clusters.md").read_text()
     assert markdown.count("## vector") == len(table) and "⟦" in markdown
     frame = pd.read_parquet(run_dir / "trajectories.parquet")

@@ -47,13 +47,17 @@ def test_offline_corpus_is_the_six_novels(austen):
     assert len(austen) == 6
     assert sum(map(len, austen)) > 3_500_000
     assert austen[1].startswith("PRIDE AND PREJUDICE")
-    assert "It is a truth universally acknowledged, that a single man in possession of a good fortune, " \
-           "must be in want of a wife." in austen[1]  # reflowed: one paragraph, one line
+    assert (
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife." in austen[1]
+    )  # reflowed: one paragraph, one line
 
 
 def test_reflow_joins_wrapped_lines_into_paragraphs():
-    assert corpus.reflow(["CHAPTER I", "", "", "It was a", "dark night.", "", "The end."]) == \
-        "CHAPTER I\n\nIt was a dark night.\n\nThe end.\n"
+    assert (
+        corpus.reflow(["CHAPTER I", "", "", "It was a", "dark night.", "", "The end."])
+        == "CHAPTER I\n\nIt was a dark night.\n\nThe end.\n"
+    )
 
 
 def test_files_source_reads_globs_and_fails_clearly(tmp_path):
@@ -97,18 +101,35 @@ def test_rule_tagger_on_a_hand_tagged_sentence():
     words = rule_words(text)
     got = [(text[s:e], t) for s, e, t in zip(words.starts, words.ends, words.tags, strict=True)]
     assert got == [
-        ("The", "DET"), ("Bennets", "CAP"), ("of", "ADP"), ("Longbourn", "CAP"), ("walked", "OTHER"),
-        ("to", "PART"), ("Meryton", "CAP"), (",", "PUNCT"), ("and", "CCONJ"), ("she", "PRON"),
-        ("was", "AUX"), ("not", "PART"), ("21", "NUM"), (".", "PUNCT"), ("\n\n", "NEWLINE"),
-        ("It", "PRON"), ("rained", "OTHER"), ("!", "PUNCT"),
+        ("The", "DET"),
+        ("Bennets", "CAP"),
+        ("of", "ADP"),
+        ("Longbourn", "CAP"),
+        ("walked", "OTHER"),
+        ("to", "PART"),
+        ("Meryton", "CAP"),
+        (",", "PUNCT"),
+        ("and", "CCONJ"),
+        ("she", "PRON"),
+        ("was", "AUX"),
+        ("not", "PART"),
+        ("21", "NUM"),
+        (".", "PUNCT"),
+        ("\n\n", "NEWLINE"),
+        ("It", "PRON"),
+        ("rained", "OTHER"),
+        ("!", "PUNCT"),
     ]
 
 
 def test_rule_tagger_keeps_contractions_and_possessives_whole():
     text = "Emma's friend couldn't"
     words = rule_words(text)
-    assert [text[s:e] for s, e in zip(words.starts, words.ends, strict=True)] == ["Emma's", "friend",
-                                                                                 "couldn't"]
+    assert [text[s:e] for s, e in zip(words.starts, words.ends, strict=True)] == [
+        "Emma's",
+        "friend",
+        "couldn't",
+    ]
 
 
 def test_context_tags_of_a_character_are_its_word_and_the_three_before():
@@ -137,10 +158,14 @@ def test_smallest_covering_set_on_known_counts():
 
 def test_label_cluster_and_the_simply_labelled_rule():
     # positions w-3..w0; 10 tokens
-    simple = np.array([["DET"] * 10,
-                       ["OTHER"] * 6 + ["CAP"] * 2 + ["PUNCT"] * 2,
-                       ["ADP"] * 10,
-                       ["CAP"] * 4 + ["OTHER"] * 4 + ["NUM"] * 2]).T
+    simple = np.array(
+        [
+            ["DET"] * 10,
+            ["OTHER"] * 6 + ["CAP"] * 2 + ["PUNCT"] * 2,
+            ["ADP"] * 10,
+            ["CAP"] * 4 + ["OTHER"] * 4 + ["NUM"] * 2,
+        ]
+    ).T
     sets, is_simple = label_cluster(simple, 0.7, 2)
     assert sets == [["DET"], ["OTHER", "CAP"], ["ADP"], ["CAP", "OTHER"]]
     assert is_simple
@@ -233,8 +258,18 @@ def test_nearest_to_medoid_against_brute_force():
 @pytest.fixture(scope="module")
 def tiny_text():
     require_corpus()
-    return TextData(TextConfig(data_dir=str(DATA_DIR), max_chars=300_000, vocab_size=300, n_ctx=16,
-                               eval_tokens=160, eval_positions=4, hessian_size=8, tagger="rules"))
+    return TextData(
+        TextConfig(
+            data_dir=str(DATA_DIR),
+            max_chars=300_000,
+            vocab_size=300,
+            n_ctx=16,
+            eval_tokens=160,
+            eval_positions=4,
+            hessian_size=8,
+            tagger="rules",
+        )
+    )
 
 
 def test_evaluation_tokens_are_next_tokens_of_held_out_contexts(tiny_text):
@@ -292,17 +327,29 @@ def test_token_loss_at_positions_against_plain_cross_entropy():
 def test_too_many_evaluation_tokens_fail_with_the_fields_to_change():
     require_corpus()
     with pytest.raises(ValueError, match="dataset.eval_tokens=100000 needs"):
-        TextData(TextConfig(data_dir=str(DATA_DIR), max_chars=300_000, vocab_size=300, n_ctx=16,
-                            eval_tokens=100_000, eval_positions=4, tagger="rules"))
+        TextData(
+            TextConfig(
+                data_dir=str(DATA_DIR),
+                max_chars=300_000,
+                vocab_size=300,
+                n_ctx=16,
+                eval_tokens=100_000,
+                eval_positions=4,
+                tagger="rules",
+            )
+        )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("dataset.source=web", "dataset.source must be one of"),
-    ("dataset.tagger=nltk", "dataset.tagger must be one of"),
-    ("dataset.eval_positions=40", "dataset.eval_positions must be <= n_ctx/2"),
-    ("dataset.val_fraction=1.5", "dataset.val_fraction must be in"),
-    ("dataset.source=files", "dataset.files must list text files"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dataset.source=web", "dataset.source must be one of"),
+        ("dataset.tagger=nltk", "dataset.tagger must be one of"),
+        ("dataset.eval_positions=40", "dataset.eval_positions must be <= n_ctx/2"),
+        ("dataset.val_fraction=1.5", "dataset.val_fraction must be in"),
+        ("dataset.source=files", "dataset.files must list text files"),
+    ],
+)
 def test_bad_text_settings_name_the_field(override, message):
     with pytest.raises(ValueError, match=message):
         validate(compose_config(["experiment=cpu_text", override]))
@@ -326,9 +373,12 @@ def test_huggingface_source_streams_until_max_chars(monkeypatch):
     fake = type(sys)("datasets")
     fake.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    docs = corpus.load_documents("huggingface", DATA_DIR, hf={"name": "roneneldan/TinyStories",
-                                 "config": None, "split": "validation", "text_field": "story"},
-                                 max_chars=100)
+    docs = corpus.load_documents(
+        "huggingface",
+        DATA_DIR,
+        hf={"name": "roneneldan/TinyStories", "config": None, "split": "validation", "text_field": "story"},
+        max_chars=100,
+    )
     assert calls == [("roneneldan/TinyStories", None, "validation", True)]
     assert "".join(docs) == "".join(f"Once upon a time {i}." for i in range(6))[:100]
     with pytest.raises(ValueError, match="dataset.hf_name"):
@@ -340,9 +390,19 @@ def test_spacy_tagger_gives_universal_tags_and_newlines():
     text = "The cat sat on the mat.\n\nShe smiled."
     words = tag_words(text, "spacy")
     got = [(text[s:e], t) for s, e, t in zip(words.starts, words.ends, words.tags, strict=True)]
-    assert got == [("The", "DET"), ("cat", "NOUN"), ("sat", "VERB"), ("on", "ADP"), ("the", "DET"),
-                   ("mat", "NOUN"), (".", "PUNCT"), ("\n\n", "NEWLINE"), ("She", "PRON"),
-                   ("smiled", "VERB"), (".", "PUNCT")]
+    assert got == [
+        ("The", "DET"),
+        ("cat", "NOUN"),
+        ("sat", "VERB"),
+        ("on", "ADP"),
+        ("the", "DET"),
+        ("mat", "NOUN"),
+        (".", "PUNCT"),
+        ("\n\n", "NEWLINE"),
+        ("She", "PRON"),
+        ("smiled", "VERB"),
+        (".", "PUNCT"),
+    ]
 
 
 def test_the_tagger_is_part_of_the_training_key(tiny_text, monkeypatch):
@@ -354,7 +414,17 @@ def test_the_tagger_is_part_of_the_training_key(tiny_text, monkeypatch):
     assert tiny_text.spec["tagger"] == "rules"
     monkeypatch.setattr(tagging, "resolve_tagger", lambda name: "stand-in")
     monkeypatch.setattr(tagging, "tag_words", lambda text, tagger="auto": tagging.rule_words(text))
-    other = TextData(TextConfig(data_dir=str(DATA_DIR), max_chars=300_000, vocab_size=300, n_ctx=16,
-                                eval_tokens=160, eval_positions=4, hessian_size=8, tagger="rules"))
+    other = TextData(
+        TextConfig(
+            data_dir=str(DATA_DIR),
+            max_chars=300_000,
+            vocab_size=300,
+            n_ctx=16,
+            eval_tokens=160,
+            eval_positions=4,
+            hessian_size=8,
+            tagger="rules",
+        )
+    )
     assert other.spec["tagger"] == "stand-in"
     assert stage_key("train", {"dataset": other.spec}) != stage_key("train", {"dataset": tiny_text.spec})

@@ -37,5 +37,6 @@ class OptunaSweeperConf:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="polca_optuna", node=OptunaSweeperConf,
-                             provider="polca_study")
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="polca_optuna", node=OptunaSweeperConf, provider="polca_study"
+)

@@ -22,8 +22,7 @@ def report_study(study: optuna.Study, out_dir: Path, config: DictConfig) -> dict
     out_dir.mkdir(parents=True, exist_ok=True)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    result = {"study": study.study_name, "trials_complete": len(complete),
-              "trials_failed": len(failed)}
+    result = {"study": study.study_name, "trials_complete": len(complete), "trials_failed": len(failed)}
     if complete:
         best = study.best_trial
         result.update(best_trial=best.number, best_value=best.value, best_params=best.params)
@@ -62,9 +61,13 @@ def _log_wandb(study, result: dict, figures: dict, config: DictConfig) -> None:
     from polca_study import tracking
 
     tracker = tracking.start(
-        logger, {"study": study.study_name, "direction": study.direction.name},
-        Path(config.hydra.sweep.dir), group=study.study_name, job_type="study",
-        name=f"{study.study_name}-summary", tags=["study"],
+        logger,
+        {"study": study.study_name, "direction": study.direction.name},
+        Path(config.hydra.sweep.dir),
+        group=study.study_name,
+        job_type="study",
+        name=f"{study.study_name}-summary",
+        tags=["study"],
     )
     try:
         tracker.table("trials", study.trials_dataframe().astype(str))

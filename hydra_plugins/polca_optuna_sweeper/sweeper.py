@@ -54,8 +54,10 @@ def distribution(override: Override) -> BaseDistribution | Any:
         if isinstance(value.start, int) and isinstance(value.end, int):
             return IntDistribution(int(value.start), int(value.end), log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
-    raise ValueError(f"hydra.sweeper.params: {override.input_line!r} is not a supported sweep "
-                     f"(use choice, range or interval)")
+    raise ValueError(
+        f"hydra.sweeper.params: {override.input_line!r} is not a supported sweep "
+        f"(use choice, range or interval)"
+    )
 
 
 def make_sampler(name: str, seed: int | None, space: dict) -> optuna.samplers.BaseSampler:
@@ -67,8 +69,14 @@ def make_sampler(name: str, seed: int | None, space: dict) -> optuna.samplers.Ba
         return optuna.samplers.CmaEsSampler(seed=seed)
     if name == "grid":
         return optuna.samplers.GridSampler(
-            {k: list(v.choices) if isinstance(v, CategoricalDistribution)
-             else list(range(v.low, v.high + 1, v.step)) for k, v in space.items()}, seed=seed)
+            {
+                k: list(v.choices)
+                if isinstance(v, CategoricalDistribution)
+                else list(range(v.low, v.high + 1, v.step))
+                for k, v in space.items()
+            },
+            seed=seed,
+        )
     raise ValueError(f"hydra.sweeper.sampler.name must be one of tpe, random, cmaes, grid; got {name!r}")
 
 
@@ -111,8 +119,9 @@ def _in_space(dist: BaseDistribution, value: Any) -> bool:
         return value in dist.choices
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    on_step = dist.step is None or math.isclose((value - dist.low) / dist.step,
-                                                round((value - dist.low) / dist.step))
+    on_step = dist.step is None or math.isclose(
+        (value - dist.low) / dist.step, round((value - dist.low) / dist.step)
+    )
     return dist.low <= value <= dist.high and on_step
 
 
@@ -142,8 +151,21 @@ def _tell(study: optuna.Study, trial, *args, **kwargs) -> None:
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, study_name, storage, direction, n_trials, n_jobs, max_failures, sampler,
-                 params, baseline_trial=True, study_per=None, average_over=None, **_ignored):
+    def __init__(
+        self,
+        study_name,
+        storage,
+        direction,
+        n_trials,
+        n_jobs,
+        max_failures,
+        sampler,
+        params,
+        baseline_trial=True,
+        study_per=None,
+        average_over=None,
+        **_ignored,
+    ):
         self.baseline_trial = bool(baseline_trial)
         self.study_name = study_name
         self.storage = storage
@@ -155,19 +177,22 @@ class OptunaSweeper(Sweeper):
         self.params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else params or {}
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.study_per = study_per
-        replicas = OmegaConf.to_container(average_over) if isinstance(average_over, DictConfig) else (
-            average_over or {})
+        replicas = (
+            OmegaConf.to_container(average_over)
+            if isinstance(average_over, DictConfig)
+            else (average_over or {})
+        )
         keys = list(replicas)
         if len(keys) > 1:
             raise ValueError(f"hydra.sweeper.average_over takes one key, got {keys}")
         self.replicas = [{keys[0]: v} for v in replicas[keys[0]]] if keys else [{}]
 
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
-              config: DictConfig) -> None:
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
         self.hydra_context = hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     # ---------------------------------------------------------------- the study
 
@@ -188,8 +213,9 @@ class OptunaSweeper(Sweeper):
         path = sqlite_path(self.storage)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        study = optuna.create_study(study_name=name, storage=self.storage,
-                                    load_if_exists=True, direction=self.direction)
+        study = optuna.create_study(
+            study_name=name, storage=self.storage, load_if_exists=True, direction=self.direction
+        )
         # offset the seed by the trials already there, so a resumed study (or a second
         # worker) does not replay the first session's samples
         seed = self.sampler_conf.seed
@@ -206,8 +232,7 @@ class OptunaSweeper(Sweeper):
             worker = t.system_attrs.get(WORKER, "unknown:-1")
             if not _alive(worker):
                 study._storage.set_trial_user_attr(t._trial_id, STALE, True)
-                study._storage.set_trial_user_attr(t._trial_id, "fail_reason",
-                                                   f"worker {worker} died")
+                study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker {worker} died")
                 study.tell(t.number, state=TrialState.FAIL)
                 if set(t.params) == set(t.distributions) and t.params:
                     study.enqueue_trial(t.params, skip_if_exists=False)
@@ -231,8 +256,7 @@ class OptunaSweeper(Sweeper):
         """(trials that count toward n_trials, real failures)."""
         trials = study.get_trials(deepcopy=False)
         failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(STALE) for t in trials)
-        taken = sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
-                    for t in trials)
+        taken = sum(t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED) for t in trials)
         return taken + failed, failed
 
     def sweep(self, arguments: list[str]) -> None:
@@ -242,8 +266,10 @@ class OptunaSweeper(Sweeper):
             return
         per = space.pop(self.study_per, None)
         if not isinstance(per, CategoricalDistribution):
-            raise ValueError(f"hydra.sweeper.study_per={self.study_per!r} must name a choice(...) "
-                             f"in hydra.sweeper.params or the overrides")
+            raise ValueError(
+                f"hydra.sweeper.study_per={self.study_per!r} must name a choice(...) "
+                f"in hydra.sweeper.params or the overrides"
+            )
         for value in per.choices:
             self._optimise(f"{self.study_name}-{value}", space, {**fixed, self.study_per: value})
 
@@ -252,8 +278,9 @@ class OptunaSweeper(Sweeper):
         if self.baseline_trial and space:
             with study_lock(self.storage, name):
                 self._enqueue_baseline(study, space)
-        log.info("study %s in %s: %d trials wanted, space %s", name, self.storage,
-                 self.n_trials, sorted(space))
+        log.info(
+            "study %s in %s: %d trials wanted, space %s", name, self.storage, self.n_trials, sorted(space)
+        )
         while True:
             with study_lock(self.storage, name):
                 self._requeue_dead(study)
@@ -261,7 +288,8 @@ class OptunaSweeper(Sweeper):
                 if failed >= self.max_failures:
                     raise RuntimeError(
                         f"study {name}: {failed} failed trials reached "
-                        f"hydra.sweeper.max_failures={self.max_failures}")
+                        f"hydra.sweeper.max_failures={self.max_failures}"
+                    )
                 batch = min(self.n_jobs, self.n_trials - counted)
                 if batch <= 0:
                     break
@@ -273,15 +301,20 @@ class OptunaSweeper(Sweeper):
 
     def _run(self, study: optuna.Study, trials: list, fixed: dict) -> None:
         r = len(self.replicas)
-        overrides = [tuple(f"{k}={v}" for k, v in {**fixed, **t.params, **rep}.items())
-                     for t in trials for rep in self.replicas]
+        overrides = [
+            tuple(f"{k}={v}" for k, v in {**fixed, **t.params, **rep}.items())
+            for t in trials
+            for rep in self.replicas
+        ]
         numbers = [t.number * r + i for t in trials for i in range(r)]
         # job directories are numbered by trial (and replica), so reruns never overwrite them
         if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
             returns = self.launcher.launch(overrides, initial_job_idx=numbers[0])
         else:
-            returns = [self.launcher.launch([o], initial_job_idx=n)[0]
-                       for o, n in zip(overrides, numbers, strict=True)]
+            returns = [
+                self.launcher.launch([o], initial_job_idx=n)[0]
+                for o, n in zip(overrides, numbers, strict=True)
+            ]
         for i, trial in enumerate(trials):
             try:
                 values = [float(ret.return_value) for ret in returns[i * r : (i + 1) * r]]

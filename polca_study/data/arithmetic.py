@@ -53,19 +53,27 @@ def carries_into(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def encode(a: np.ndarray, b: np.ndarray) -> Split:
     total = a + b
     seq = np.concatenate(
-        [digits(a, 3), np.full((len(a), 1), PLUS), digits(b, 3), np.full((len(a), 1), EQUALS),
-         digits(total, 4)], axis=1,
+        [
+            digits(a, 3),
+            np.full((len(a), 1), PLUS),
+            digits(b, 3),
+            np.full((len(a), 1), EQUALS),
+            digits(total, 4),
+        ],
+        axis=1,
     )
     carry = carries_into(a, b)
     s = np.repeat(np.arange(len(a)), 4)
-    labels = pd.DataFrame({
-        "sequence": s,
-        "a": a[s],
-        "b": b[s],
-        "place": pd.Categorical(np.tile(PLACES, len(a)), categories=PLACES),
-        "carry": carry.reshape(-1),
-        "value": digits(total, 4).reshape(-1),
-    })
+    labels = pd.DataFrame(
+        {
+            "sequence": s,
+            "a": a[s],
+            "b": b[s],
+            "place": pd.Categorical(np.tile(PLACES, len(a)), categories=PLACES),
+            "carry": carry.reshape(-1),
+            "value": digits(total, 4).reshape(-1),
+        }
+    )
     return Split(
         inputs=torch.as_tensor(seq[:, :SEQ_LEN], dtype=torch.long),
         targets=torch.as_tensor(seq[:, 8:], dtype=torch.long),
@@ -85,9 +93,11 @@ def evaluate(model: torch.nn.Module, split: Split) -> dict[str, list]:
     losses = token_loss(logits, split.batch()).reshape(-1).numpy()
     correct = (logits[:, list(OUTPUT_POSITIONS)].argmax(-1) == split.targets).reshape(-1).numpy()
     frame = split.labels.assign(loss=losses, correct=correct)
-    out = frame.groupby(["place", "carry"], observed=True).agg(
-        loss=("loss", "mean"), accuracy=("correct", "mean"), tokens=("loss", "size")
-    ).reset_index()
+    out = (
+        frame.groupby(["place", "carry"], observed=True)
+        .agg(loss=("loss", "mean"), accuracy=("correct", "mean"), tokens=("loss", "size"))
+        .reset_index()
+    )
     return {c: out[c].tolist() for c in out.columns}
 
 

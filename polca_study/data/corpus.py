@@ -28,8 +28,14 @@ from pathlib import Path
 from polca_study.cache import write_atomic
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
-AUSTEN_BOOKS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey",
-                "persuasion")
+AUSTEN_BOOKS = (
+    "sensesensibility",
+    "prideprejudice",
+    "mansfieldpark",
+    "emma",
+    "northangerabbey",
+    "persuasion",
+)
 SOURCES = ("austen", "files", "huggingface")
 
 
@@ -37,8 +43,13 @@ class CorpusMissing(FileNotFoundError):
     pass
 
 
-def load_documents(source: str, data_dir: str | os.PathLike, files: list[str] | None = None,
-                   hf: dict | None = None, max_chars: int | None = None) -> list[str]:
+def load_documents(
+    source: str,
+    data_dir: str | os.PathLike,
+    files: list[str] | None = None,
+    hf: dict | None = None,
+    max_chars: int | None = None,
+) -> list[str]:
     """The corpus as a list of documents (at most `max_chars` characters in all)."""
     if source == "austen":
         docs = austen(Path(data_dir))
@@ -117,8 +128,10 @@ def read_r_lazyload(prefix: Path) -> dict[str, list[str]]:
         out = {}
         for name, (offset, length) in index["variables"].items():
             raw = zlib.decompress(db[offset + 4 : offset + length])
-            out[str(name)] = [str(x) if x is not None else "" for x in
-                              rdata.conversion.convert(rdata.parser.parse_data(raw))]
+            out[str(name)] = [
+                str(x) if x is not None else ""
+                for x in rdata.conversion.convert(rdata.parser.parse_data(raw))
+            ]
     return out
 
 
@@ -140,7 +153,8 @@ def fetch_austen(data_dir: Path, deb: Path | None = None) -> Path:
         shutil.copy(tmp / f"x/usr/share/doc/{AUSTEN_PACKAGE}/copyright", folder / "COPYRIGHT")
     (folder / "SOURCE").write_text(
         f"Jane Austen's six novels (public domain, Project Gutenberg texts) from Debian's\n"
-        f"{AUSTEN_PACKAGE} package (MIT, see COPYRIGHT), reflowed into paragraphs.\n")
+        f"{AUSTEN_PACKAGE} package (MIT, see COPYRIGHT), reflowed into paragraphs.\n"
+    )
     return folder
 
 
@@ -149,8 +163,7 @@ def download_deb(package: str, dest: Path) -> Path:
     if shutil.which("apt-get") is None:
         raise RuntimeError(f"apt-get is not available: fetch {package} by hand and pass --deb")
     for attempt in range(2):
-        done = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True,
-                              text=True)
+        done = subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True)
         debs = list(dest.glob(f"{package}_*.deb"))
         if done.returncode == 0 and debs:
             return debs[0]
@@ -169,8 +182,13 @@ def read_files(patterns: list[str]) -> list[str]:
     return [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
 
 
-def huggingface(name: str | None = None, config: str | None = None, split: str = "train",
-                text_field: str = "text", max_chars: int | None = None) -> list[str]:
+def huggingface(
+    name: str | None = None,
+    config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    max_chars: int | None = None,
+) -> list[str]:
     """Documents of a Hugging Face dataset, streamed until `max_chars`."""
     if not name:
         raise ValueError("dataset.hf_name must name a Hugging Face dataset for source=huggingface")

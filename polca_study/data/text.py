@@ -90,8 +90,11 @@ def evaluate(model: torch.nn.Module, split: TextSplit) -> dict[str, list]:
     idx = batch["positions"][..., None].expand(-1, -1, logits.shape[-1])
     correct = (logits.gather(1, idx).argmax(-1) == split.targets).reshape(-1).numpy()
     frame = split.labels[["tag_w0"]].rename(columns={"tag_w0": "tag"}).assign(loss=losses, correct=correct)
-    out = frame.groupby("tag").agg(loss=("loss", "mean"), accuracy=("correct", "mean"),
-                                   tokens=("loss", "size")).reset_index()
+    out = (
+        frame.groupby("tag")
+        .agg(loss=("loss", "mean"), accuracy=("correct", "mean"), tokens=("loss", "size"))
+        .reset_index()
+    )
     return {c: out[c].tolist() for c in out.columns}
 
 
@@ -105,8 +108,12 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -163,20 +170,26 @@ class TextData:
     def __init__(self, c: TextConfig, cache=None):
         self.config = c
         docs = corpus.load_documents(
-            c.source, c.data_dir, c.files,
-            {"name": c.hf_name, "config": c.hf_config, "split": c.hf_split,
-             "text_field": c.hf_text_field}, c.max_chars)
+            c.source,
+            c.data_dir,
+            c.files,
+            {"name": c.hf_name, "config": c.hf_config, "split": c.hf_split, "text_field": c.hf_text_field},
+            c.max_chars,
+        )
         self.corpus_id = corpus.fingerprint(docs)
         spec = {"corpus": self.corpus_id, "vocab_size": c.vocab_size, "val_fraction": c.val_fraction}
-        self.tokens, self.tokenizer_key = _cached(cache, "tokenizer", spec,
-                                                  lambda: tokenize_corpus(docs, c))
+        self.tokens, self.tokenizer_key = _cached(cache, "tokenizer", spec, lambda: tokenize_corpus(docs, c))
         self.tokenizer = load_tokenizer(self.tokens["tokenizer"])
         self.d_vocab = int(self.tokens["vocab_size"])
         self.n_ctx = c.n_ctx
         self._eval = self._select_eval()
         self.tagger = tagger = tagging.resolve_tagger(c.tagger)
-        words, _ = _cached(cache, "tags", {"tokenizer": self.tokenizer_key, "tagger": tagger},
-                           lambda: vars(tagging.tag_words(self.tokens["val_text"], tagger)))
+        words, _ = _cached(
+            cache,
+            "tags",
+            {"tokenizer": self.tokenizer_key, "tagger": tagger},
+            lambda: vars(tagging.tag_words(self.tokens["val_text"], tagger)),
+        )
         self.words = tagging.Words(**words)
 
     @property
@@ -185,8 +198,16 @@ class TextData:
         it was read from), the settings that shape the data, and the tagger that was
         used (the training curves are grouped by the tag of the target's word)."""
         c = asdict(self.config)
-        keep = ("name", "val_fraction", "vocab_size", "n_ctx", "eval_tokens", "eval_positions",
-                "hessian_size", "seed")
+        keep = (
+            "name",
+            "val_fraction",
+            "vocab_size",
+            "n_ctx",
+            "eval_tokens",
+            "eval_positions",
+            "hessian_size",
+            "seed",
+        )
         return {**{k: c[k] for k in keep}, "corpus": self.corpus_id, "tagger": self.tagger}
 
     def _select_eval(self) -> dict:
@@ -200,12 +221,17 @@ class TextData:
                 f"dataset.eval_tokens={c.eval_tokens} needs {n_seq} held-out contexts of "
                 f"{window} tokens at dataset.eval_positions={c.eval_positions}, but the held-out "
                 f"text has {available}: lower eval_tokens or n_ctx, or raise eval_positions or "
-                "val_fraction")
+                "val_fraction"
+            )
         low = c.n_ctx // 2  # config validation keeps eval_positions <= n_ctx - low
         rng = np.random.default_rng([c.seed, 2])
         starts = np.sort(rng.choice(available, size=n_seq, replace=False)) * window
-        positions = np.sort(np.stack([rng.choice(np.arange(low, c.n_ctx), c.eval_positions,
-                                                 replace=False) for _ in range(n_seq)]), axis=1)
+        positions = np.sort(
+            np.stack(
+                [rng.choice(np.arange(low, c.n_ctx), c.eval_positions, replace=False) for _ in range(n_seq)]
+            ),
+            axis=1,
+        )
         return {"starts": starts, "positions": positions}
 
     def eval_split(self) -> TextSplit:
@@ -218,16 +244,20 @@ class TextData:
         first_char = np.array([_first_visible(text, s, e) for s, e in spans])
         tags = tagging.context_tags(self.words, first_char)
         context_start = offsets[np.repeat(starts, positions.shape[1]), 0]
-        labels = pd.DataFrame({
-            "sequence": np.repeat(np.arange(len(starts)), positions.shape[1]),
-            "position": positions.reshape(-1),
-            "target": ids[flat],
-            "token": [text[s:e] for s, e in spans],
-            "char": first_char,  # offset of the token's first visible character in val_text
-            **{col: tags[:, i] for i, col in enumerate(TAG_COLUMNS)},
-            "context": [text[max(cs, s - CONTEXT_CHARS):s] for cs, (s, _) in zip(context_start, spans,
-                                                                                  strict=True)],
-        })
+        labels = pd.DataFrame(
+            {
+                "sequence": np.repeat(np.arange(len(starts)), positions.shape[1]),
+                "position": positions.reshape(-1),
+                "target": ids[flat],
+                "token": [text[s:e] for s, e in spans],
+                "char": first_char,  # offset of the token's first visible character in val_text
+                **{col: tags[:, i] for i, col in enumerate(TAG_COLUMNS)},
+                "context": [
+                    text[max(cs, s - CONTEXT_CHARS) : s]
+                    for cs, (s, _) in zip(context_start, spans, strict=True)
+                ],
+            }
+        )
         return TextSplit(
             inputs=torch.as_tensor(windows[:, :-1], dtype=torch.long),
             targets=torch.as_tensor(ids[target_index], dtype=torch.long),
@@ -247,8 +277,10 @@ class TextData:
     def train_batches(self, batch_size: int, seed: int):
         """An endless, seeded stream of training contexts (inputs, next tokens)."""
         if len(self.tokens["train_ids"]) < 2 * (self.n_ctx + 1):
-            raise ValueError(f"the training text has {len(self.tokens['train_ids'])} tokens, too few "
-                             f"for contexts of dataset.n_ctx={self.n_ctx}")
+            raise ValueError(
+                f"the training text has {len(self.tokens['train_ids'])} tokens, too few "
+                f"for contexts of dataset.n_ctx={self.n_ctx}"
+            )
         rng = np.random.default_rng([self.config.seed, seed, 1])
         while True:
             s = self._random_windows(batch_size, rng)

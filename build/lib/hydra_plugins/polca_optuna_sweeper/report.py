@@ -1,0 +1,78 @@
+"""The end of a study: best trial, optimisation history and parameter importances, as
+PNG and YAML in the sweep directory and as a W&B run in the study's group."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def report_study(study: optuna.Study, out_dir: Path, config: DictConfig) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    result = {"study": study.study_name, "trials_complete": len(complete), "trials_failed": len(failed)}
+    if complete:
+        best = study.best_trial
+        result.update(best_trial=best.number, best_value=best.value, best_params=best.params)
+        log.info("best trial %d: %.4f with %s", best.number, best.value, best.params)
+    figures = {}
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # matplotlib plots
+    if complete:
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+        figures["optimization_history"] = _save(ax, out_dir / "optimization_history.png")
+    if len(complete) >= 2 and study.best_trial.params:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+            result["param_importances"] = {k: float(v) for k, v in importances.items()}
+            ax = optuna.visualization.matplotlib.plot_param_importances(study)
+            figures["param_importances"] = _save(ax, out_dir / "param_importances.png")
+        except (RuntimeError, ValueError) as err:  # e.g. a single distinct value
+            log.info("no parameter importances: %s", err)
+    OmegaConf.save(OmegaConf.create(result), out_dir / "optimization_results.yaml")
+    _log_wandb(study, result, figures, config)
+    return result
+
+
+def _save(ax, path: Path) -> Path:
+    fig = ax.figure if hasattr(ax, "figure") else ax.flatten()[0].figure
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _log_wandb(study, result: dict, figures: dict, config: DictConfig) -> None:
+    """A W&B run in the study's group: the trials table, the figures, the best trial."""
+    logger = config.get("logger")
+    if logger is None:
+        return
+    from polca_study import tracking
+
+    tracker = tracking.start(
+        logger,
+        {"study": study.study_name, "direction": study.direction.name},
+        Path(config.hydra.sweep.dir),
+        group=study.study_name,
+        job_type="study",
+        name=f"{study.study_name}-summary",
+        tags=["study"],
+    )
+    try:
+        tracker.table("trials", study.trials_dataframe().astype(str))
+        tracker.images({f"study_{k}": p for k, p in figures.items()})
+        tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float, str))})
+        tracker.summary({"best_params": result.get("best_params", {})})
+    finally:
+        tracker.finish()

@@ -1,0 +1,1 @@
+"""polca-study: hidden breakthroughs in model training."""

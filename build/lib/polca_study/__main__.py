@@ -1,0 +1,3 @@
+from polca_study.cli import main
+
+main()

@@ -1,0 +1,303 @@
+"""Tables comparing the jobs of a multirun (methods, basis ablations, settings).
+
+Runs automatically at the end of every multirun (a Hydra callback), or by hand:
+
+    python -m polca_study.compare multirun/2026-11-22/10-00-00
+
+Writes into the sweep directory, and logs to W&B in the sweep's group:
+- `comparison.md/.csv`: one row per job;
+- when the jobs span several seeds (`seed` is a sweep dimension like any other):
+  `seeds.md/.csv`, per condition (the jobs' overrides other than the seed) and metric,
+  the mean, standard deviation, a 95% bootstrap interval over seeds and the number of
+  seeds; and `paired.md/.csv`, POLCA against each other method under the same remaining
+  settings, paired by seed: the mean difference, its 95% bootstrap interval, an exact
+  sign-flip test and a paired t-test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from scipy import stats
+
+log = logging.getLogger(__name__)
+
+COLUMNS = {
+    "carry_top1_carry_homogeneity": "carry hom. 1",
+    "carry_top2_carry_homogeneity": "carry hom. 2",
+    "carry_top3_carry_homogeneity": "carry hom. 3",
+    "carry_top1_carry_recall": "recall 1",
+    "carry_top1_carry_f1": "F1 1",
+    "top_carry_homogeneity_null95": "hom. null 95%",
+    "top_carry_homogeneity_p": "hom. p",
+    "carry_recovery": "carry_recovery",
+    "carry_recovery_null_mean": "recovery null mean",
+    "carry_recovery_excess": "recovery excess",
+    "carry_recovery_p": "recovery p",
+    "filter_carry_rate_max": "filter carry rate max",
+    "probe_auc": "probe AUC",
+    "simply_labelled_fraction": "simply labelled frac.",
+    "simply_labelled_fraction_null_mean": "simple null mean",
+    "simply_labelled_fraction_p": "simple p",
+    "simply_labelled_clusters": "simple clusters",
+    "label_purity": "label purity",
+    "label_purity_null_mean": "purity null mean",
+    "label_purity_excess": "purity excess",
+    "label_purity_p": "purity p",
+    "aggregate_breakthrough_step": "aggregate BT step",
+    "hidden_breakthrough_fraction": "hidden BT frac.",
+    "coverage": "coverage",
+    "clusters": "clusters",
+}
+
+
+def job_overrides(run_dir: Path) -> dict[str, str]:
+    """The job's command-line overrides, from Hydra's record."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    items = [str(o) for o in OmegaConf.load(path)] if path.exists() else []
+    return dict(o.split("=", 1) for o in items if "=" in o)
+
+
+def comparison_table(sweep_dir: Path) -> pd.DataFrame:
+    """One row per job; jobs are named by the overrides that differ between them."""
+    summaries = sorted(Path(sweep_dir).rglob("summary.json"), key=lambda p: _job_number(p.parent))
+    overrides = [job_overrides(p.parent) for p in summaries]
+    keys = sorted({k for o in overrides for k in o})
+    varying = [k for k in keys if len({o.get(k) for o in overrides}) > 1] or keys
+    rows = []
+    for summary, over in zip(summaries, overrides, strict=True):
+        metrics = json.loads(summary.read_text())
+        label = ", ".join(f"{k}={over[k]}" for k in varying if k in over) or summary.parent.name
+        row = {"job": label, "method": metrics.get("method")}
+        row.update({name: metrics.get(key) for key, name in COLUMNS.items()})
+        rows.append(row)
+    return pd.DataFrame(rows).dropna(axis=1, how="all")  # arithmetic or text columns only
+
+
+# Overrides that choose the method; the rest (data, clustering protocol...) is the
+# context within which methods are paired.
+METHOD_KEYS = ("method", "polca", "polca.second_order", "basis", "basis.kind")
+REFERENCE = {"method": "polca"}  # POLCA with the default (path) second order and basis
+SEED_METRICS = (
+    "carry_recovery",
+    "carry_recovery_excess",
+    "carry_recovery_p",
+    "carry_top1_carry_homogeneity",
+    "carry_top1_carry_recall",
+    "carry_top1_carry_f1",
+    "top_carry_homogeneity_p",
+    "filter_carry_rate_max",
+    "hidden_breakthrough_fraction",
+    "coverage",
+    "clusters",
+    "probe_auc",
+    "label_purity",
+    "label_purity_excess",
+    "simply_labelled_fraction",
+)
+PAIRED_METRICS = (
+    "carry_recovery",
+    "carry_recovery_excess",
+    "carry_top1_carry_homogeneity",
+    "carry_top1_carry_f1",
+    "hidden_breakthrough_fraction",
+    "label_purity_excess",
+)
+
+
+def seed_frame(sweep_dir: Path) -> pd.DataFrame:
+    """One row per job: its condition (the overrides that vary between jobs, other than
+    the seed, as text), the condition's method and context parts, its seed and metrics."""
+    rows = []
+    summaries = sorted(Path(sweep_dir).rglob("summary.json"))
+    overrides = [job_overrides(p.parent) for p in summaries]
+    keys = {k for o in overrides for k in o}
+    varying = {k for k in keys if len({o.get(k) for o in overrides}) > 1}
+    for summary, over in zip(summaries, overrides, strict=True):
+        metrics = json.loads(summary.read_text())
+        rest = {k: v for k, v in over.items() if k != "seed" and k in varying}
+        method = {k: v for k, v in rest.items() if k in METHOD_KEYS}
+        context = {k: v for k, v in rest.items() if k not in METHOD_KEYS}
+        rows.append(
+            {
+                "condition": _label(rest),
+                "method": _label(method) or "method=polca",
+                "context": _label(context),
+                "seed": metrics.get("seed", over.get("seed")),
+                **{m: metrics.get(m) for m in SEED_METRICS},
+            }
+        )
+    frame = pd.DataFrame(rows)
+    return frame.dropna(axis=1, how="all") if len(frame) else frame
+
+
+def _label(overrides: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
+def bootstrap_interval(
+    values: np.ndarray, draws: int = 10_000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean, resampling the values (seeds)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (draws, len(values)))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def sign_flip_p(differences: np.ndarray) -> float:
+    """Exact two-sided paired permutation test: the share of all 2^n sign flips whose
+    mean difference is at least as far from 0 as the observed (n <= 16; with 5 seeds the
+    smallest attainable p is 2/32 = 0.0625)."""
+    d = np.asarray(differences, dtype=float)
+    if len(d) == 0 or len(d) > 16:
+        return float("nan")
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+    flipped = np.abs((signs * d).mean(axis=1))
+    return float((flipped >= abs(d.mean()) - 1e-12).mean())
+
+
+def aggregate_seeds(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per condition and metric: n seeds, mean, standard deviation, 95% bootstrap interval."""
+    rows = []
+    metrics = [m for m in SEED_METRICS if m in frame]
+    for condition, jobs in frame.groupby("condition", sort=False):
+        for m in metrics:
+            v = jobs[m].dropna().to_numpy(dtype=float)
+            if not len(v):
+                continue
+            lo, hi = bootstrap_interval(v)
+            rows.append(
+                {
+                    "condition": condition,
+                    "metric": m,
+                    "n": len(v),
+                    "mean": float(v.mean()),
+                    "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+                    "ci_low": lo,
+                    "ci_high": hi,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.DataFrame:
+    """POLCA minus each other method, within each context, paired by seed."""
+    ref_label = _label(reference)
+    rows = []
+    metrics = [m for m in PAIRED_METRICS if m in frame]
+    for context, jobs in frame.groupby("context", sort=False):
+        ref = jobs[jobs["method"] == ref_label].set_index("seed")
+        if ref.empty:
+            continue
+        for method, other in jobs[jobs["method"] != ref_label].groupby("method", sort=False):
+            other = other.set_index("seed")
+            seeds = ref.index.intersection(other.index)
+            for m in metrics:
+                d = (ref.loc[seeds, m] - other.loc[seeds, m]).dropna().to_numpy(dtype=float)
+                if len(d) < 2:
+                    continue
+                lo, hi = bootstrap_interval(d)
+                t = stats.ttest_1samp(d, 0.0).pvalue if d.std() > 0 else float("nan")
+                rows.append(
+                    {
+                        "context": context,
+                        "baseline": method,
+                        "metric": m,
+                        "n": len(d),
+                        "polca_minus_baseline": float(d.mean()),
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "sign_flip_p": sign_flip_p(d),
+                        "t_test_p": float(t),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def seeds_markdown(agg: pd.DataFrame) -> str:
+    """Conditions as rows, metrics as columns: mean ± sd [95% interval] (n)."""
+    cell = agg.apply(
+        lambda r: f"{r['mean']:.3f} ± {r['std']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n})", axis=1
+    )
+    wide = agg.assign(cell=cell).pivot(index="condition", columns="metric", values="cell")
+    wide = wide[[m for m in SEED_METRICS if m in wide]]
+    return wide.reset_index().to_markdown(index=False) + "\n"
+
+
+def _job_number(run_dir: Path) -> tuple[int, str]:
+    return (int(run_dir.name), "") if run_dir.name.isdigit() else (1 << 30, run_dir.name)
+
+
+def write_comparison(sweep_dir: Path, logger_cfg: DictConfig | None = None) -> pd.DataFrame:
+    table = comparison_table(sweep_dir)
+    if table.empty:
+        log.warning("no summaries under %s: nothing to compare", sweep_dir)
+        return table
+    table.to_csv(sweep_dir / "comparison.csv", index=False)
+    (sweep_dir / "comparison.md").write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n")
+    log.info("comparison of %d jobs written to %s/comparison.md", len(table), sweep_dir)
+    tables = {"comparison": table}
+    frame = seed_frame(sweep_dir)
+    if len(frame) and frame["seed"].nunique() > 1:
+        agg, paired = aggregate_seeds(frame), paired_differences(frame)
+        agg.to_csv(sweep_dir / "seeds.csv", index=False)
+        (sweep_dir / "seeds.md").write_text(seeds_markdown(agg))
+        paired.to_csv(sweep_dir / "paired.csv", index=False)
+        (sweep_dir / "paired.md").write_text(paired.to_markdown(index=False, floatfmt=".3f") + "\n")
+        tables.update(seeds=agg, paired=paired)
+        log.info(
+            "%d seeds: per-condition means and intervals in seeds.md, POLCA against each "
+            "baseline in paired.md",
+            frame["seed"].nunique(),
+        )
+    if logger_cfg is not None:
+        _log_wandb(tables, sweep_dir, logger_cfg)
+    return table
+
+
+def _log_wandb(tables: dict[str, pd.DataFrame], sweep_dir: Path, logger_cfg) -> None:
+    from polca_study import tracking
+
+    group = logger_cfg.get("group") or Path(sweep_dir).as_posix().replace("/", "_")
+    tracker = tracking.start(
+        logger_cfg,
+        {"sweep_dir": str(sweep_dir)},
+        Path(sweep_dir),
+        group=group,
+        job_type="comparison",
+        name=f"comparison-{Path(sweep_dir).name}",
+        tags=["comparison"],
+    )
+    try:
+        for key, table in tables.items():
+            tracker.table(key, table.astype(str) if key == "comparison" else table)
+    finally:
+        tracker.finish()
+
+
+class ComparisonCallback(Callback):
+    """Hydra callback: write the comparison table when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        try:
+            write_comparison(Path(config.hydra.sweep.dir), config.get("logger"))
+        except Exception as err:  # a report must never fail the sweep it summarises
+            log.warning("comparison table failed: %s", err)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m polca_study.compare <sweep directory>")
+    print(write_comparison(Path(sys.argv[1])).to_markdown(index=False, floatfmt=".3f"))

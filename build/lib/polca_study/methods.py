@@ -1,0 +1,109 @@
+"""The per-token trajectories each method clusters, as the paper defines them.
+
+| method | trajectory of token x (one clustering per column) |
+|---|---|
+| loss | L(x; θ_t) at every evaluation point |
+| loss_change | L(x; θ_t) − L(x; θ_{t−1}) |
+| fisher | <b, ∇L(x; θ_t)>² for each basis vector b |
+| lca | Σ_{s<t} ∂_j L(x; θ_s) (θ_{s+1} − θ_s)_j for each of the 50 largest parameters j |
+| polca_first_order | Σ_{s<t} <b, ∇L(x; θ_s)> <b, Δθ_s> for each b |
+| polca | the same running sum with the second-order term (`polca.second_order`) |
+
+How a trajectory becomes HDBSCAN's features (the trajectory itself or its increments,
+normalisation, grouping, HDBSCAN settings) is the method's `cluster` setting, kept in
+`conf/method/<name>.yaml`. A new method is a function here and an entry in `METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class MethodCurves:
+    curves: np.ndarray  # (n, T', m)
+    steps: np.ndarray  # (T',)
+    rises: np.ndarray  # (n, m) booleans: tokens the paper's filter drops
+    columns: list[str]  # what each column is (a basis vector or a parameter)
+
+
+@dataclass(frozen=True)
+class Method:
+    curves: Callable[[dict, dict | None], MethodCurves]  # (decomposition, LCA's) -> curves
+    per_parameter: bool = False  # needs the decomposition along LCA's parameters
+    basis_columns: bool = False  # one column per basis vector (rising vectors are dropped)
+
+
+def _cumulative(values: np.ndarray) -> np.ndarray:
+    return np.cumsum(values, axis=1)
+
+
+def _loss_rises(traj: dict) -> np.ndarray:
+    losses = traj["losses"]
+    return (losses[:, -1] > losses[:, 0])[:, None]
+
+
+def _vectors(traj: dict) -> list[str]:
+    return [f"vector_{j}" for j in range(traj["polca"].shape[2])]
+
+
+def _polca_rises(traj: dict) -> np.ndarray:
+    return _cumulative(traj["polca"])[:, -1] > 0
+
+
+def loss(traj: dict, lca: dict | None = None) -> MethodCurves:
+    return MethodCurves(traj["losses"][:, :, None], traj["steps"], _loss_rises(traj), ["loss"])
+
+
+def loss_change(traj: dict, lca: dict | None = None) -> MethodCurves:
+    return MethodCurves(
+        np.diff(traj["losses"], axis=1)[:, :, None], traj["steps"][1:], _loss_rises(traj), ["loss_change"]
+    )
+
+
+def fisher(traj: dict, lca: dict | None = None) -> MethodCurves:
+    return MethodCurves(traj["grads"] ** 2, traj["steps"], _polca_rises(traj), _vectors(traj))
+
+
+def lca_curves(traj: dict, lca: dict | None = None) -> MethodCurves:
+    if lca is None:
+        raise ValueError("method 'lca' needs the per-parameter decomposition")
+    curves = _cumulative(lca["first_order"])
+    return MethodCurves(
+        curves, traj["steps"][1:], curves[:, -1] > 0, [f"param_{i}" for i in lca["parameters"]]
+    )
+
+
+def polca_first_order(traj: dict, lca: dict | None = None) -> MethodCurves:
+    curves = _cumulative(traj["first_order"])
+    return MethodCurves(curves, traj["steps"][1:], curves[:, -1] > 0, _vectors(traj))
+
+
+def polca(traj: dict, lca: dict | None = None) -> MethodCurves:
+    return MethodCurves(_cumulative(traj["polca"]), traj["steps"][1:], _polca_rises(traj), _vectors(traj))
+
+
+METHODS: dict[str, Method] = {
+    "loss": Method(loss),
+    "loss_change": Method(loss_change),
+    "fisher": Method(fisher, basis_columns=True),
+    "lca": Method(lca_curves, per_parameter=True),
+    "polca_first_order": Method(polca_first_order, basis_columns=True),
+    "polca": Method(polca, basis_columns=True),
+}
+
+
+def method_curves(name: str, traj: dict, lca: dict | None = None) -> MethodCurves:
+    """The curves of method `name` from a cached decomposition `traj` (numpy arrays:
+    polca, first_order, losses, grads; steps) and, for "lca", the per-parameter one."""
+    if name not in METHODS:
+        raise ValueError(f"method.name must be one of {list(METHODS)}; got {name!r}")
+    return METHODS[name].curves(traj, lca)
+
+
+def rising_vectors(traj: dict) -> np.ndarray:
+    """Indices of basis vectors whose mean projected loss rises over training (dropped)."""
+    return np.flatnonzero(_cumulative(traj["polca"])[:, -1].mean(axis=0) > 0)

@@ -1,0 +1,550 @@
+"""The study: train → basis → decompose → cluster → score → report.
+
+`run(cfg)` is a plain function; the Hydra entry point only calls it. Expensive stages
+are cached by the config that determines them (see `cache.py`), so a clustering-only
+change never retrains or re-decomposes, and a killed run resumes at its last finished
+stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from polca_study import tracking
+from polca_study.cache import StageCache, write_atomic
+from polca_study.cluster import cluster_all, features
+from polca_study.cluster_labels import (
+    best_label_purity,
+    cluster_contexts,
+    simply_labelled_fraction,
+    simply_labelled_null,
+    text_cluster_table,
+)
+from polca_study.config import Config, ConfigError, validate
+from polca_study.methods import METHODS, method_curves, rising_vectors
+from polca_study.model import ModelConfig, Transformer
+from polca_study.polca import ModuleLoss, build_basis, decompose_trajectory
+from polca_study.score import (
+    ami_and_coverage,
+    breakthrough_time,
+    carry_probe_auc,
+    carry_recovery,
+    cluster_breakthroughs,
+    cluster_table,
+    delta_points,
+    filter_carry_rates,
+    permutation_null,
+    top_homogeneity,
+)
+from polca_study.task import Task, make_task
+from polca_study.train import train
+
+log = logging.getLogger("polca_study")
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def stage(name: str, timings: dict, memory: dict):
+    """Time a stage and log a one-line summary with the process's peak memory so far."""
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+    memory[name] = peak_memory_mb()
+    log.info("[%s] %.1f s, peak memory %.0f MB", name, timings[name], memory[name])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_config(cfg: Config, task: Task) -> ModelConfig:
+    """The model's config with the sizes left to the dataset (null) filled in."""
+    m = replace(cfg.model, n_ctx=cfg.model.n_ctx or task.n_ctx, d_vocab=cfg.model.d_vocab or task.d_vocab)
+    if m.n_ctx < task.n_ctx or m.d_vocab < task.d_vocab:
+        raise ConfigError(
+            f"model.n_ctx={m.n_ctx} and model.d_vocab={m.d_vocab} must be at least the "
+            f"dataset's {task.n_ctx} and {task.d_vocab} (null: take the dataset's)"
+        )
+    return m
+
+
+def make_model(cfg: Config, task: Task) -> Transformer:
+    torch.manual_seed(cfg.seed)
+    return Transformer(model_config(cfg, task))
+
+
+# ------------------------------------------------------------------------- stages
+
+
+def stage_train(cfg: Config, task: Task, cache: StageCache, device, progress):
+    spec = {
+        "model": asdict(model_config(cfg, task)),
+        "dataset": task.spec,
+        "train": asdict(cfg.train),
+        "seed": cfg.seed,
+    }
+
+    def compute():
+        model = make_model(cfg, task)
+        if device.type == "cuda":
+            torch.backends.cudnn.deterministic = True
+        result = train(
+            model,
+            task.train_batches(cfg.train.batch_size, cfg.seed),
+            cfg.train,
+            task.token_loss,
+            lambda m: task.evaluate(m, task.eval_split),
+            device=device,
+            progress=progress,
+        )
+        return {
+            "steps": result.steps,
+            "snapshots": result.snapshots,
+            "history": result.history,
+            "train_loss": result.train_loss,
+            "seconds": result.seconds,
+        }
+
+    return cache.get_or_compute("train", spec, compute)
+
+
+def snapshots_at(trained: dict, every: int, steps: int) -> tuple[np.ndarray, list[torch.Tensor]]:
+    wanted = np.arange(0, steps + 1, every)
+    index = {int(s): i for i, s in enumerate(trained["steps"])}
+    return wanted, [trained["snapshots"][index[int(s)]] for s in wanted]
+
+
+def stage_basis(cfg: Config, task: Task, trained: dict, train_key: str, cache: StageCache, device, progress):
+    b = cfg.basis
+    spec = {
+        "train": train_key,
+        "kind": b.kind,
+        "k": b.k,
+        "interval": b.interval,
+        "tol": b.tol,
+        "maxiter": b.maxiter,
+        "seed": b.seed,
+    }
+
+    def compute():
+        steps, thetas = snapshots_at(trained, b.interval, cfg.train.steps - 1)
+        d = thetas[0].numel()
+        m = len(thetas) * b.k
+        if b.kind == "random":
+            g = torch.Generator().manual_seed(b.seed)
+            vectors, _ = torch.linalg.qr(torch.randn(d, m, generator=g))
+            return {
+                "vectors": vectors,
+                "eigenvalues": torch.full((m,), float("nan")),
+                "residuals": torch.full((m,), float("nan")),
+                "hvps": 0,
+                "checkpoint_steps": np.repeat(steps, b.k),
+            }
+        order = np.arange(len(thetas))
+        if b.kind == "shuffled":
+            order = np.random.default_rng(b.seed).permutation(len(thetas))
+        model = make_model(cfg, task).to(device)
+        batch = {k: v.to(device) for k, v in task.hessian_split().batch().items()}
+        loss = ModuleLoss(model, batch, task.token_loss)
+        basis = build_basis(
+            lambda th: loss(th).sum(),
+            [thetas[i].to(device) for i in order],
+            b.k,
+            tol=b.tol,
+            maxiter=b.maxiter,
+            seed=b.seed,
+            progress=progress,
+        )
+        return {
+            "vectors": basis.vectors.cpu(),
+            "eigenvalues": basis.eigenvalues.cpu(),
+            "residuals": basis.residuals.cpu(),
+            "hvps": basis.hvps,
+            "checkpoint_steps": np.repeat(steps[order], b.k),
+        }
+
+    return cache.get_or_compute("basis", spec, compute)
+
+
+def stage_decompose(
+    cfg: Config,
+    task: Task,
+    trained: dict,
+    vectors: torch.Tensor,
+    parent_key: str,
+    name: str,
+    second_order: str,
+    cache: StageCache,
+    device,
+    progress,
+):
+    """POLCA of every evaluation token along `vectors` between evaluation points."""
+    spec = {
+        "parent": parent_key,
+        "interval": cfg.polca.interval,
+        "second_order": second_order,
+        "route": cfg.polca.route,
+    }
+
+    def compute():
+        steps, thetas = snapshots_at(trained, cfg.polca.interval, cfg.train.steps)
+        model = make_model(cfg, task).to(device)
+        batch = {k: v.to(device) for k, v in task.eval_split.batch().items()}
+        loss = ModuleLoss(model, batch, task.token_loss)
+        traj = decompose_trajectory(
+            loss,
+            [t.to(device) for t in thetas],
+            vectors.to(device),
+            second_order,
+            route=cfg.polca.route,
+            progress=progress,
+        )
+        out = {k: (v.cpu().numpy() if v is not None else None) for k, v in vars(traj).items()}
+        return {**out, "steps": steps}
+
+    return cache.get_or_compute(name, spec, compute)
+
+
+def lca_parameters(trained: dict, count: int = 50) -> np.ndarray:
+    """LCA's parameters: the `count` largest in magnitude at the end of training."""
+    return np.argsort(-trained["snapshots"][-1].abs().numpy())[:count]
+
+
+# ---------------------------------------------------------------------- analysis
+
+
+def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
+    """Cluster one method's curves and score them. Returns (metrics, tables, curves):
+    tables holds "clusters" (one row per cluster), and for text "contexts"."""
+    labels = task.eval_split.labels
+    curves = method_curves(method, traj, lca)
+    dropped: list[int] = []
+    keep = np.arange(curves.curves.shape[2])
+    if cfg.basis.drop_rising and METHODS[method].basis_columns:
+        dropped = rising_vectors(traj).tolist()
+        keep = np.setdiff1d(keep, dropped)
+        if dropped:
+            log.info("dropped %d basis vectors whose mean projected loss rises: %s", len(dropped), dropped)
+    kept = curves.curves[:, :, keep]
+    assign = cluster_all(kept, task.groups, cfg.cluster, curves.rises[:, keep])
+    s = cfg.score
+    table, metrics, tables = SCORERS[task.name](cfg, assign, kept, labels, curves.curves.shape[2])
+    # hidden: later than the aggregate loss's own breakthrough by a margin
+    aggregate = traj["losses"].mean(axis=0)
+    aggregate_step = breakthrough_time(
+        aggregate, traj["steps"], delta_points(traj["steps"], s.breakthrough_delta)
+    )
+    breakthroughs = cluster_breakthroughs(
+        assign, kept, curves.steps, s.breakthrough_delta, aggregate_step + s.hidden_margin
+    )
+    for frame in (table, breakthroughs, *tables.values()):  # kept-column indices -> the method's
+        if len(frame):
+            frame["vector"] = keep[frame["vector"].to_numpy()]
+    table = table.merge(breakthroughs, on=["vector", "cluster"], how="left")
+    tables["clusters"] = table
+    metrics = {
+        "method": method,
+        "basis": cfg.basis.kind,
+        "second_order": cfg.polca.second_order,
+        "seed": cfg.seed,
+        "dataset": task.name,
+        "vectors": int(curves.curves.shape[2]),
+        "vectors_dropped": dropped,
+        "clusters": int(len(table)),
+        **metrics,
+        "aggregate_breakthrough_step": aggregate_step,
+        "hidden_breakthrough_fraction": float(table["hidden"].mean()) if len(table) else 0.0,
+    }
+    metrics["objective"] = task.objective
+    full = np.zeros((len(labels), curves.curves.shape[2]), dtype=int) - 2
+    full[:, keep] = assign
+    return metrics, tables, full, curves
+
+
+def score_arithmetic(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.DataFrame, columns: int):
+    """Carry, place and value scores of the clusters against the known skills.
+    Returns (cluster table, metrics, further tables)."""
+    s = cfg.score
+    table = cluster_table(assign, labels, s.homogeneity_threshold)
+    metrics: dict = {
+        "carry_recovery": carry_recovery(table),
+        "carry_base_rate": float(labels["carry"][labels["place"].astype(str).isin(["10s", "100s"])].mean()),
+        "top_carry": top_homogeneity(table, "carry"),
+        "top_place": top_homogeneity(table, "place"),
+        "top_value": top_homogeneity(table, "value"),
+    }
+    metrics.update(ami_and_coverage(assign, labels))
+    if s.probe:
+        metrics["probe_auc"] = carry_probe_auc(curves, labels, seed=cfg.seed)
+    metrics.update(permutation_null(assign, labels, s.permutations, s.homogeneity_threshold, cfg.seed))
+    if "carry_recovery_null_mean" in metrics:
+        metrics["carry_recovery_excess"] = metrics["carry_recovery"] - metrics["carry_recovery_null_mean"]
+    # what the filter alone does: the carry rate of the 10s/100s tokens each column keeps
+    rates = filter_carry_rates(assign, labels)
+    metrics["filter_carry_rate_per_vector"] = np.round(rates, 4).tolist()
+    metrics["filter_carry_rate_max"] = float(np.nanmax(rates)) if np.isfinite(rates).any() else float("nan")
+    for i, row in enumerate(metrics["top_carry"][:3]):
+        for key in ("carry_homogeneity", "carry_recall", "carry_f1"):
+            metrics[f"carry_top{i + 1}_{key}"] = float(row[key])
+    return table, metrics, {}
+
+
+def score_text(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.DataFrame, columns: int):
+    """Automatic part-of-speech labels of the clusters, their nearest contexts, and the
+    share of basis vectors with a simply-labelled cluster (against a permutation null).
+    `columns` counts all the method's columns, dropped ones included."""
+    s = cfg.score
+    table = text_cluster_table(assign, labels, s.label_coverage, s.simple_max_tags)
+    fraction = simply_labelled_fraction(table, columns)
+    purity = best_label_purity(table, columns)
+    metrics: dict = {
+        "simply_labelled_fraction": fraction,
+        "simply_labelled_clusters": int(table.simply_labelled.sum()) if len(table) else 0,
+        "label_purity": purity,
+    }
+    metrics.update(ami_and_coverage(assign, labels, skills=("tag_w0",)))
+    null = simply_labelled_null(assign, labels, s.permutations, s.label_coverage, s.simple_max_tags, cfg.seed)
+    for name, observed in (("simply_labelled_fraction", fraction), ("label_purity", purity)):
+        if not null:
+            break
+        # the null's values average over the clustered columns; rescale to all columns
+        values = null[name] * assign.shape[1] / max(columns, 1)
+        metrics[f"{name}_null_mean"] = float(values.mean())
+        metrics[f"{name}_null95"] = float(np.quantile(values, 0.95))
+        metrics[f"{name}_p"] = float((1 + (values >= observed).sum()) / (1 + len(values)))
+    # the search objective: purity above what the same clusters give with shuffled tags
+    metrics["label_purity_excess"] = purity - metrics.get("label_purity_null_mean", 0.0)
+    contexts = cluster_contexts(
+        assign, lambda j: features(curves[:, :, j], cfg.cluster), labels, table, s.contexts
+    )
+    return table, metrics, {"contexts": contexts}
+
+
+SCORERS = {"arithmetic": score_arithmetic, "text": score_text}
+
+
+def approximation_error(traj: dict) -> dict[str, float]:
+    """RMSE and relative error of the paper's second-order term against the exact one."""
+    if traj.get("exact_second") is None or traj.get("paper_second") is None:
+        return {}
+    exact, paper = traj["exact_second"], traj["paper_second"]
+    rmse = float(np.sqrt(np.mean((paper - exact) ** 2)))
+    scale = float(np.sqrt(np.mean(exact**2)))
+    return {
+        "paper_second_order_rmse": rmse,
+        "paper_second_order_relative_error": rmse / scale if scale > 0 else float("nan"),
+    }
+
+
+def trajectories_frame(traj: dict, labels: pd.DataFrame, first: str = "polca") -> pd.DataFrame:
+    """Long table: one row per (token, evaluation interval) with labels, loss, loss
+    change and POLCA per basis vector."""
+    n, T, m = traj[first].shape
+    steps = traj["steps"]
+    # contexts stay in contexts.csv; a text token's string is "token_text"
+    labels = labels.drop(columns=["context"], errors="ignore").rename(columns={"token": "token_text"})
+    frame = labels.loc[np.repeat(np.arange(n), T)].reset_index(names="token")
+    frame["step"] = np.tile(steps[1:], n)
+    frame["loss"] = traj["losses"][:, 1:].reshape(-1)
+    frame["loss_change"] = np.diff(traj["losses"], axis=1).reshape(-1)
+    polca = traj[first].reshape(n * T, m)
+    return pd.concat([frame, pd.DataFrame(polca, columns=[f"polca_{j}" for j in range(m)])], axis=1)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(cfg: DictConfig, run_dir: str | os.PathLike = ".", job: dict | None = None) -> dict:
+    """Run one study; returns the metrics written to `summary.json`."""
+    settings = validate(cfg)  # fails before any work
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = job or {}
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    device = resolve_device(settings.device)
+    cache = StageCache(settings.cache_dir, set(settings.force))
+    tracker = tracking.start(
+        settings.logger,
+        OmegaConf.to_container(cfg, resolve=True),
+        run_dir,
+        group=job.get("group"),
+        job_type=job.get("job_type", settings.method.name),
+        name=job.get("name"),
+        tags=job.get("tags", []),
+    )
+    failed = True
+    try:
+        metrics = _run(settings, cfg, run_dir, cache, tracker, device)
+        failed = False
+        return metrics
+    finally:
+        tracker.finish(failed=failed)
+
+
+def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker, device) -> dict:
+    timings: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    progress = cfg.progress
+    write_atomic(run_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(raw, resolve=True)))
+    with stage("data", timings, memory):
+        task = make_task(cfg.dataset, cache)
+    labels = task.eval_split.labels
+    with stage("train", timings, memory):
+        trained, train_key = stage_train(cfg, task, cache, device, progress)
+    _log_history(tracker, trained["history"], trained.get("train_loss"))
+    with stage("basis", timings, memory):
+        basis, basis_key = stage_basis(cfg, task, trained, train_key, cache, device, progress)
+    with stage("decompose", timings, memory):
+        traj, _ = stage_decompose(
+            cfg,
+            task,
+            trained,
+            basis["vectors"],
+            basis_key,
+            "decompose",
+            cfg.polca.second_order,
+            cache,
+            device,
+            progress,
+        )
+        lca = None
+        if METHODS[cfg.method.name].per_parameter:
+            params = lca_parameters(trained)
+            unit = torch.zeros(trained["snapshots"].shape[1], len(params))
+            unit[params, torch.arange(len(params))] = 1.0
+            lca, _ = stage_decompose(
+                cfg, task, trained, unit, f"{train_key}/lca", "trajectories", "none", cache, device, progress
+            )
+            lca = {**lca, "parameters": params}
+    with stage("cluster+score", timings, memory):
+        metrics, tables, assign, curves = analyse(cfg, task, cfg.method.name, traj, lca)
+    table = tables["clusters"]
+    metrics.update(approximation_error(traj))
+    final_acc = trained["history"][trained["history"].step == trained["history"].step.max()]
+    metrics.update(
+        {
+            "final_accuracy": float(np.average(final_acc.accuracy, weights=final_acc.tokens)),
+            "basis_residual_max": float(np.nanmax(basis["residuals"].numpy()))
+            if basis["hvps"]
+            else float("nan"),
+            "basis_hvps": int(basis["hvps"]),
+            "cache_hits": dict(cache.hits),
+            "seconds": {**timings, "train_compute": float(trained["seconds"])},
+            "peak_memory_mb": peak_memory_mb(),
+            "peak_memory_mb_after": memory,
+        }
+    )
+    with stage("report", timings, memory):
+        from polca_study import report
+
+        write_atomic(
+            run_dir / "summary.json", lambda p: p.write_text(json.dumps(metrics, indent=2, default=_jsonable))
+        )
+        write_atomic(run_dir / "clusters.csv", lambda p: table.to_csv(p, index=False))
+        if cfg.save_trajectories:
+            frame = trajectories_frame(traj, labels)
+            write_atomic(run_dir / "trajectories.parquet", lambda p: frame.to_parquet(p, index=False))
+        write_atomic(run_dir / "assignments.npy", lambda p: _save_npy(p, assign))
+        if task.name == "text":
+            contexts = tables["contexts"]
+            write_atomic(run_dir / "contexts.csv", lambda p: contexts.to_csv(p, index=False))
+            markdown = report.text_clusters_markdown(metrics, table, contexts)
+            write_atomic(run_dir / "clusters.md", lambda p: p.write_text(markdown))
+            tracker.table("cluster_contexts", report.contexts_table(table, contexts))
+        figures = (
+            report.figures(run_dir, task.name, trained["history"], curves, assign, labels, table)
+            if cfg.figures
+            else {}
+        )
+        tracker.summary(_flat_summary(metrics))
+        tracker.images(figures)
+        tracker.table("clusters", table)
+        if cfg.logger.log_artifacts and cfg.save_trajectories:
+            tracker.artifact(
+                f"trajectories-{cfg.method.name}",
+                "trajectories",
+                [run_dir / "trajectories.parquet", run_dir / "clusters.csv"],
+            )
+    if task.name == "arithmetic":
+        log.info(
+            "carry_recovery %.3f, top carry homogeneity %s, coverage %.2f",
+            metrics["carry_recovery"],
+            [round(r["carry_homogeneity"], 3) for r in metrics["top_carry"]],
+            metrics["coverage"],
+        )
+    else:
+        log.info(
+            "simply-labelled fraction %.3f (null mean %.3f), label purity %.3f (null mean %.3f), "
+            "%d of %d clusters simply labelled, coverage %.2f; labels and contexts in %s",
+            metrics["simply_labelled_fraction"],
+            metrics.get("simply_labelled_fraction_null_mean", float("nan")),
+            metrics["label_purity"],
+            metrics.get("label_purity_null_mean", float("nan")),
+            metrics["simply_labelled_clusters"],
+            metrics["clusters"],
+            metrics["coverage"],
+            run_dir / "clusters.md",
+        )
+    return metrics
+
+
+def _log_history(tracker, history: pd.DataFrame, train_loss: pd.DataFrame | None) -> None:
+    """Training loss, and evaluation loss and accuracy overall and per group (arithmetic:
+    place and carry; text: the tag of the target's word)."""
+    if not tracker.active:
+        return
+    train = {} if train_loss is None else dict(zip(train_loss.step, train_loss.loss, strict=True))
+    for step, rows in history.groupby("step"):
+        w = rows.tokens
+        data = {
+            "eval/loss": float(np.average(rows.loss, weights=w)),
+            "eval/accuracy": float(np.average(rows.accuracy, weights=w)),
+        }
+        if step in train:
+            data["train/loss"] = train[step]
+        for r in rows.itertuples():
+            tag = r.tag if "tag" in rows else f"{r.place}_{'carry' if r.carry else 'nocarry'}"
+            data[f"eval_loss/{tag}"] = r.loss
+            data[f"eval_accuracy/{tag}"] = r.accuracy
+        tracker.log(data, step=int(step))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a name
+        np.save(f, array)
+
+
+def _flat_summary(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)

@@ -1,0 +1,662 @@
+"""POLCA: the Hessian basis and the per-example loss-change decomposition.
+
+The functional core of polca-study. Everything here takes flat parameter vectors
+(1-D tensors of length d) and plain loss functions, and knows nothing of Hydra,
+W&B, files or any particular model. Outputs keep the dtype and device of inputs.
+
+- `build_basis`: the paper's Algorithm 1 (top-k eigenvectors of the projected Hessian
+  at each checkpoint, by Lanczos on Hessian-vector products).
+- `decompose`: POLCA values of n examples along m basis vectors for one step.
+- `decompose_trajectory`: the same over a sequence of checkpoints, reusing each step's
+  directional derivatives for the next.
+- `ModuleLoss`: an adapter from an `nn.Module`, a batch and a per-token loss to the
+  per-example loss function the others take, with a fast reverse-mode route for the
+  first-order term.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+LossFn = Callable[[Tensor], Tensor]
+SECOND_ORDER_MODES = ("none", "exact", "paper", "path")
+ROUTES = ("auto", "forward", "reverse")
+
+# Relative costs in forward passes, used to choose a first-order route (measured on CPU:
+# a jvp costs about 2.7 forward passes, a backward about 2).
+_JVP_COST = 2.7
+_BACKWARD_COST = 2.0
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_vector(name: str, x: Tensor, like: Tensor | None = None) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D parameter vector, got {_describe(x)}")
+    if like is not None and (x.shape != like.shape or x.dtype != like.dtype):
+        raise ValueError(
+            f"{name} must match theta_t in shape and dtype: got {tuple(x.shape)} {x.dtype}, "
+            f"expected {tuple(like.shape)} {like.dtype}"
+        )
+
+
+def _check_vectors(vectors: Tensor, theta: Tensor) -> None:
+    if not isinstance(vectors, Tensor) or vectors.ndim != 2:
+        raise ValueError(f"vectors must be a (d, m) matrix, got {_describe(vectors)}")
+    if vectors.shape[0] != theta.shape[0]:
+        raise ValueError(
+            f"vectors must have one row per parameter: height {vectors.shape[0]}, "
+            f"but the parameter vector has d={theta.shape[0]}"
+        )
+    if vectors.dtype != theta.dtype:
+        raise ValueError(f"vectors has dtype {vectors.dtype}, parameters have {theta.dtype}")
+
+
+def _check_mode(second_order: str) -> None:
+    if second_order not in SECOND_ORDER_MODES:
+        raise ValueError(f"second_order must be one of {SECOND_ORDER_MODES}, got {second_order!r}")
+
+
+def _check_route(route: str) -> None:
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+
+
+def _check_finite(name: str, losses: Tensor, where: str) -> None:
+    if not torch.isfinite(losses).all():
+        bad = int((~torch.isfinite(losses)).sum())
+        raise ValueError(f"{name} returned {bad} non-finite loss value(s) at {where}")
+
+
+def _describe(x: object) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+# ------------------------------------------------------------------------------ basis
+
+
+@dataclass
+class Basis:
+    """Orthonormal Hessian basis. Unpacks as `(vectors, eigenvalues)`.
+
+    vectors: (d, T·k), columns in the order found; eigenvalues: (T·k,) of `P H P`;
+    residuals: (T·k,) `‖PHPv − λv‖ / |λ|`; hvps: Hessian-vector products the solver used.
+    """
+
+    vectors: Tensor
+    eigenvalues: Tensor
+    residuals: Tensor
+    hvps: int = 0
+    checkpoint_index: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def __iter__(self):
+        return iter((self.vectors, self.eigenvalues))
+
+
+def hessian_vector_product(loss_fn: LossFn, theta: Tensor) -> Callable[[Tensor], Tensor]:
+    """Return `v -> H(θ) v` for a scalar `loss_fn`, reusing one gradient graph for all v."""
+    theta = theta.detach().requires_grad_(True)
+    loss = loss_fn(theta)
+    if loss.ndim != 0:
+        raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+    _check_finite("loss_fn", loss.reshape(1), "a basis checkpoint")
+    (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+
+    def hvp(v: Tensor) -> Tensor:
+        if not grad.requires_grad:  # loss is linear in θ
+            return torch.zeros_like(v)
+        (hv,) = torch.autograd.grad(grad, theta, v, retain_graph=True)
+        return hv.detach()
+
+    return hvp
+
+
+def build_basis(
+    loss_fn: LossFn,
+    checkpoints: Sequence[Tensor],
+    k: int,
+    *,
+    tol: float = 1e-4,
+    maxiter: int | None = None,
+    ncv: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Basis:
+    """The paper's Algorithm 1: at each checkpoint θ_i, append the top-k eigenvectors of
+    `P H(θ_i) P`, `P = I − B Bᵀ`, B the vectors found so far.
+
+    `loss_fn(θ) -> scalar` is the aggregate loss over the Hessian sample. H is never
+    formed: scipy's ARPACK Lanczos (`eigsh`, largest algebraic) runs on Hessian-vector
+    products by double backward. `tol` is eigsh's relative eigenvalue accuracy; `ncv`
+    its Lanczos basis size (default max(2k+4, 6): ARPACK's own 2k+1 restarts too often
+    and needed 2.5x the products on our models).
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if len(checkpoints) == 0:
+        raise ValueError("checkpoints must hold at least one parameter vector")
+    first = checkpoints[0]
+    for i, theta in enumerate(checkpoints):
+        _check_vector(f"checkpoints[{i}]", theta, like=first)
+    d = first.shape[0]
+    if len(checkpoints) * k >= d:
+        raise ValueError(
+            f"k * len(checkpoints) = {len(checkpoints) * k} must be below the number of parameters d={d}"
+        )
+    dtype, device = first.dtype, first.device
+    ncv = min(d - 1, ncv or max(2 * k + 4, 6))
+    rng = np.random.default_rng(seed)
+    found = torch.empty(d, 0, dtype=dtype, device=device)
+    eigenvalues, residuals, origin = [], [], []
+    hvps = 0
+
+    def project(x: Tensor) -> Tensor:
+        return x - found @ (found.T @ x) if found.shape[1] else x
+
+    for index, theta in enumerate(tqdm(checkpoints, desc="basis", disable=not progress)):
+        hvp = hessian_vector_product(loss_fn, theta)
+
+        def matvec(x: np.ndarray, hvp=hvp) -> np.ndarray:
+            nonlocal hvps
+            hvps += 1
+            v = project(torch.as_tensor(x.reshape(-1), dtype=dtype, device=device))
+            return project(hvp(v)).double().cpu().numpy()
+
+        operator = LinearOperator((d, d), matvec=matvec, dtype=np.float64)
+        v0 = project(torch.as_tensor(rng.standard_normal(d), dtype=dtype, device=device))
+        try:
+            vals, vecs = eigsh(
+                operator,
+                k=k,
+                which="LA",
+                tol=tol,
+                maxiter=maxiter,
+                ncv=ncv,
+                v0=v0.double().cpu().numpy(),
+            )
+        except ArpackNoConvergence as err:
+            raise RuntimeError(
+                f"Lanczos did not converge at checkpoint {index} ({len(err.eigenvalues)} of "
+                f"{k} pairs): raise maxiter or tol"
+            ) from err
+        order = np.argsort(vals)[::-1]
+        new = torch.as_tensor(vecs[:, order].copy(), dtype=dtype, device=device)
+        # re-orthogonalise against B (twice is enough) so columns stay orthonormal in float32
+        for _ in range(2):
+            new = project(new)
+            new, _ = torch.linalg.qr(new)
+        new = new * torch.sign(new.sum(0, keepdim=True) + 1e-30)  # deterministic sign
+        lam = torch.as_tensor(vals[order].copy(), dtype=dtype, device=device)
+        for j in range(k):
+            v = new[:, j]
+            hv = project(hvp(project(v)))
+            residuals.append(float(torch.linalg.norm(hv - lam[j] * v) / lam[j].abs().clamp_min(1e-30)))
+        found = torch.cat([found, new], dim=1)
+        eigenvalues.append(lam)
+        origin += [index] * k
+
+    return Basis(
+        vectors=found,
+        eigenvalues=torch.cat(eigenvalues),
+        residuals=torch.tensor(residuals, dtype=dtype, device=device),
+        hvps=hvps,
+        checkpoint_index=torch.tensor(origin, dtype=torch.long),
+    )
+
+
+# ------------------------------------------------------------- directional derivatives
+
+
+def _chunks(vectors: Tensor, size: int):
+    for start in range(0, vectors.shape[1], size):
+        yield vectors[:, start : start + size].T.contiguous()  # (c, d)
+
+
+def forward_directional(
+    loss_fn: LossFn, theta: Tensor, vectors: Tensor, chunk_size: int = 10
+) -> tuple[Tensor, Tensor]:
+    """`(L(x;θ), <b, ∇L(x;θ)>)` for all examples and columns b, by forward-mode AD.
+
+    Returns losses (n,) and derivatives (n, m); one jvp per direction, vmapped in chunks.
+    """
+    theta = theta.detach()
+
+    def along(v: Tensor):
+        return torch.func.jvp(loss_fn, (theta,), (v,))
+
+    losses, parts = None, []
+    for chunk in _chunks(vectors, chunk_size):
+        out, tangent = torch.func.vmap(along)(chunk)  # (c, n) each
+        losses = out[0] if losses is None else losses
+        parts.append(tangent.T)
+    if losses is None:
+        losses = loss_fn(theta).detach()
+    derivs = torch.cat(parts, dim=1) if parts else losses.new_zeros(losses.shape[0], 0)
+    return losses.detach(), derivs.detach()
+
+
+def reverse_directional(
+    loss_fn: LossFn, theta: Tensor, vectors: Tensor, chunk_size: int = 64
+) -> tuple[Tensor, Tensor]:
+    """The same by reverse mode for any loss function: one vjp per example (a row of the
+    Jacobian), projected on all m vectors with one matmul. Only cheap for small n;
+    `ModuleLoss` has a batched per-sample route for models."""
+    theta = theta.detach()
+    losses, vjp = torch.func.vjp(loss_fn, theta)
+    n = losses.shape[0]
+    eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+    rows = [torch.func.vmap(vjp)(eye[i : i + chunk_size])[0] for i in range(0, n, chunk_size)]
+    return losses.detach(), (torch.cat(rows) @ vectors).detach()
+
+
+def second_order_directional(
+    loss_fn: LossFn, theta: Tensor, vectors: Tensor, chunk_size: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`(L(x;θ), <b, ∇L(x;θ)>, bᵀH(x;θ)b)` for every example at once: a jvp of a jvp.
+
+    Returns losses (n,), first derivatives (n, m) and curvatures (n, m). Directions go
+    one at a time by default: vmapping nested jvps was slower on CPU (measured).
+    """
+    theta = theta.detach()
+
+    def along(v: Tensor):
+        def derivative(t: Tensor):
+            out, tangent = torch.func.jvp(loss_fn, (t,), (v,))
+            return tangent, out
+
+        return torch.func.jvp(derivative, (theta,), (v,), has_aux=True)
+
+    losses, firsts, seconds = None, [], []
+    for chunk in _chunks(vectors, chunk_size):
+        first, second, out = torch.func.vmap(along)(chunk)
+        losses = out[0] if losses is None else losses
+        firsts.append(first.T)
+        seconds.append(second.T)
+    if losses is None:
+        losses = loss_fn(theta).detach()
+        empty = losses.new_zeros(losses.shape[0], 0)
+        return losses, empty, empty
+    return losses.detach(), torch.cat(firsts, 1).detach(), torch.cat(seconds, 1).detach()
+
+
+def aggregate_curvature(loss_fn: LossFn, theta: Tensor, vectors: Tensor) -> Tensor:
+    """`λ(X, b) = bᵀH(X)b` of the summed loss for every column b (m,), by double backward."""
+    hvp = hessian_vector_product(lambda t: loss_fn(t).sum(), theta)
+    return torch.stack([vectors[:, j] @ hvp(vectors[:, j]) for j in range(vectors.shape[1])])
+
+
+def first_order(
+    loss_fn: LossFn, theta: Tensor, vectors: Tensor, route: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Losses (n,) and directional derivatives (n, m) by the chosen or cheapest route."""
+    _check_route(route)
+    if hasattr(loss_fn, "directional"):
+        return loss_fn.directional(theta, vectors, route=route)
+    if route == "reverse":
+        return reverse_directional(loss_fn, theta, vectors)
+    return forward_directional(loss_fn, theta, vectors)
+
+
+# ------------------------------------------------------------------------- decompose
+
+
+@dataclass
+class StepTerms:
+    """Directional quantities at one parameter vector, reusable across steps."""
+
+    losses: Tensor  # (n,)
+    grads: Tensor  # (n, m)  <b, ∇L(x;θ)>
+    curvatures: Tensor | None = None  # (n, m)  bᵀH(x;θ)b
+
+
+def _terms(loss_fn: LossFn, theta: Tensor, vectors: Tensor, exact: bool, route: str) -> StepTerms:
+    if exact:
+        losses, grads, curv = second_order_directional(loss_fn, theta, vectors)
+        terms = StepTerms(losses, grads, curv)
+    else:
+        terms = StepTerms(*first_order(loss_fn, theta, vectors, route))
+    _check_finite("per_example_loss_fn", terms.losses, "a checkpoint")
+    return terms
+
+
+def _combine(
+    mode: str, now: StepTerms, nxt: StepTerms | None, step: Tensor, aggregate: Tensor | None
+) -> Tensor:
+    """POLCA values (n, m) from the directional terms at θ_t (and θ_{t+1})."""
+    first = now.grads * step
+    if mode == "none":
+        return first
+    if mode == "exact":
+        return first + 0.5 * now.curvatures * step**2
+    if mode == "path":
+        return 0.5 * (now.grads + nxt.grads) * step
+    return first + _paper_second(now, nxt, step, aggregate)
+
+
+def decompose(
+    per_example_loss_fn: LossFn,
+    theta_t: Tensor,
+    theta_next: Tensor,
+    vectors: Tensor,
+    second_order: str = "exact",
+    *,
+    route: str = "auto",
+) -> Tensor:
+    """POLCA values (n, m) of n examples along the m columns of `vectors` for θ_t → θ_next.
+
+    With Δθ = θ_next − θ_t and g(x) = ∇L(x; θ_t):
+    - "none":  <b, g(x)> <b, Δθ>
+    - "exact": <b, g(x)> <b, Δθ> + ½ bᵀH_t(x)b <b, Δθ>²   (nested forward-mode AD)
+    - "paper": <b, g(x)> <b, Δθ> + ½ λ_t(X,b) <b,Δθ>² <g_{t+1}(x) − g_t(x), b> / <g_{t+1}(X) − g_t(X), b>
+    - "path":  ½ (<b, g(x)> + <b, ∇L(x; θ_next)>) <b, Δθ>   (trapezoid rule along the step)
+    `route` picks how first-order terms are computed: "forward", "reverse" or "auto".
+    """
+    _check_mode(second_order)
+    _check_route(route)
+    _check_vector("theta_t", theta_t)
+    _check_vector("theta_next", theta_next, like=theta_t)
+    _check_vectors(vectors, theta_t)
+    step = vectors.T @ (theta_next - theta_t)  # (m,)
+    now = _terms(per_example_loss_fn, theta_t, vectors, second_order == "exact", route)
+    nxt = aggregate = None
+    if second_order in ("paper", "path"):
+        nxt = _terms(per_example_loss_fn, theta_next, vectors, False, route)
+    if second_order == "paper":
+        aggregate = aggregate_curvature(per_example_loss_fn, theta_t, vectors)
+    return _combine(second_order, now, nxt, step, aggregate)
+
+
+@dataclass
+class Trajectory:
+    """POLCA over a run of T steps between T+1 checkpoints.
+
+    polca: (n, T, m) in the requested mode; first_order: (n, T, m) its first-order part;
+    losses: (n, T+1) and grads: (n, T+1, m) `<b, ∇L(x;θ_t)>` at every checkpoint.
+    In "exact" mode also exact_second and paper_second (n, T, m): the exact second-order
+    term and the paper's approximation of it (λ(X,b) = Σ_x bᵀH(x)b, free from the exact
+    per-token curvatures), so the approximation's error can be measured.
+    """
+
+    polca: Tensor
+    first_order: Tensor
+    losses: Tensor
+    grads: Tensor
+    exact_second: Tensor | None = None
+    paper_second: Tensor | None = None
+
+
+def _paper_second(now: StepTerms, nxt: StepTerms, step: Tensor, aggregate: Tensor) -> Tensor:
+    """h̃ = ½ λ(X,b) <Δθ,b>² <g_{t+1}(x) − g_t(x), b> / <g_{t+1}(X) − g_t(X), b> (n, m)."""
+    change = nxt.grads - now.grads
+    total = change.sum(0)
+    safe = torch.where(total.abs() > 0, total, torch.ones_like(total))
+    share = torch.where(total.abs() > 0, change / safe, torch.zeros_like(change))
+    return 0.5 * aggregate * step**2 * share
+
+
+def decompose_trajectory(
+    per_example_loss_fn: LossFn,
+    checkpoints: Sequence[Tensor],
+    vectors: Tensor,
+    second_order: str = "exact",
+    *,
+    route: str = "auto",
+    progress: bool = True,
+) -> Trajectory:
+    """Decompose every step between consecutive `checkpoints` (T+1 vectors, T steps).
+
+    Directional derivatives at θ_{t+1} are computed once and reused as θ_t's for the
+    next step, so "path" and "paper" cost no more passes than first order.
+    """
+    _check_mode(second_order)
+    _check_route(route)
+    if len(checkpoints) < 2:
+        raise ValueError("checkpoints must hold at least two parameter vectors (one step)")
+    for i, theta in enumerate(checkpoints):
+        _check_vector(f"checkpoints[{i}]", theta, like=checkpoints[0])
+    _check_vectors(vectors, checkpoints[0])
+    exact = second_order == "exact"
+    terms = [_terms(per_example_loss_fn, checkpoints[0], vectors, exact, route)]
+    polca, first, exact_second, paper_second = [], [], [], []
+    for t in tqdm(range(len(checkpoints) - 1), desc="decompose", disable=not progress):
+        now = terms[-1]
+        nxt = _terms(per_example_loss_fn, checkpoints[t + 1], vectors, exact, route)
+        terms.append(nxt)
+        step = vectors.T @ (checkpoints[t + 1] - checkpoints[t])  # (m,)
+        first.append(now.grads * step)
+        if second_order == "paper":
+            aggregate = aggregate_curvature(per_example_loss_fn, checkpoints[t], vectors)
+            polca.append(first[-1] + _paper_second(now, nxt, step, aggregate))
+        elif second_order == "path":
+            polca.append(0.5 * (now.grads + nxt.grads) * step)
+        elif exact:
+            exact_second.append(0.5 * now.curvatures * step**2)
+            paper_second.append(_paper_second(now, nxt, step, now.curvatures.sum(0)))
+            polca.append(first[-1] + exact_second[-1])
+        else:
+            polca.append(first[-1])
+    stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731
+    return Trajectory(
+        polca=stack(polca),
+        first_order=stack(first),
+        losses=torch.stack([x.losses for x in terms], dim=1),
+        grads=torch.stack([x.grads for x in terms], dim=1),
+        exact_second=stack(exact_second),
+        paper_second=stack(paper_second),
+    )
+
+
+# --------------------------------------------------------------------- module adapter
+
+
+def flatten_parameters(module: nn.Module) -> Tensor:
+    """All trainable parameters of `module` as one detached 1-D vector."""
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters() if p.requires_grad])
+
+
+class ModuleLoss:
+    """Per-example losses of `module` on a fixed batch, as a function of flat parameters.
+
+    `token_loss(output, batch) -> (S, P)` gives, for S independent sequences, the loss at
+    each of P positions; examples are ordered (s, p) row-major, n = S·P. Calling the
+    object maps θ (d,) to losses (n,) through `torch.func.functional_call`.
+
+    The reverse route (`directional(..., route="reverse")`) runs one batched backward per
+    position and forms each sequence's gradient from captured activations and output
+    gradients, projected on all m vectors at once. It needs every parameter to belong to
+    an `nn.Linear`, an `nn.Embedding`, or a module that defines
+    `project_per_sample_grads(inputs, output_grad, basis) -> (S, m)`; sequences must not
+    interact (no batch norm).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        batch: dict[str, Tensor] | Tensor,
+        token_loss: Callable[[Tensor, object], Tensor],
+        forward: Callable[[nn.Module, object], Tensor] | None = None,
+        chunk_sequences: int = 512,
+    ):
+        self.module = module
+        self.batch = batch
+        self.token_loss = token_loss
+        self.forward = forward or (lambda m, b: m(b["inputs"] if isinstance(b, dict) else b))
+        self.chunk_sequences = chunk_sequences
+        self.names, self.shapes = [], []
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                self.names.append(name)
+                self.shapes.append(p.shape)
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self._positions: tuple[int, int] | None = None
+        self._route_cache: dict[int, str] = {}
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        parts = theta.split(self.sizes)
+        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+    def positions(self) -> tuple[int, int]:
+        """(S sequences, P loss positions per sequence), from one forward pass, once."""
+        if self._positions is None:
+            with torch.no_grad():
+                shape = self.token_loss(self.forward(self.module, self.batch), self.batch).shape
+            self._positions = (shape[0], shape[1])
+        return self._positions
+
+    def __call__(self, theta: Tensor) -> Tensor:
+        output = self.forward(_Bound(self.module, self.unflatten(theta)), self.batch)
+        return self.token_loss(output, self.batch).reshape(-1)
+
+    # -------------------------------------------------------------- route selection
+
+    def choose_route(self, m: int) -> str:
+        """Cheapest first-order route by a cost model in forward passes:
+        forward ≈ 2.7·m; reverse ≈ 1 + P·(2 + m/(2T)) (a backward per position plus the
+        projection, which costs about m/(2T) forward passes of T tokens)."""
+        if m in self._route_cache:
+            return self._route_cache[m]
+        self._route_cache[m] = self._cheaper_route(m)
+        return self._route_cache[m]
+
+    def _cheaper_route(self, m: int) -> str:
+        if self.unsupported_parameters():
+            return "forward"
+        S, P = self.positions()
+        inputs = self.batch["inputs"] if isinstance(self.batch, dict) else self.batch
+        T = inputs.shape[1] if inputs.ndim > 1 else 1
+        reverse = 1 + P * (_BACKWARD_COST + m / (2 * T))
+        return "reverse" if reverse < _JVP_COST * m else "forward"
+
+    def unsupported_parameters(self) -> list[str]:
+        covered = set()
+        for mod_name, mod in self.module.named_modules():
+            if _projector(mod) is not None:
+                covered |= {
+                    f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False)
+                }
+        return [n for n in self.names if n not in covered]
+
+    def directional(self, theta: Tensor, vectors: Tensor, route: str = "auto"):
+        _check_route(route)
+        if route == "auto":
+            route = self.choose_route(vectors.shape[1])
+        if route == "forward":
+            return forward_directional(self, theta, vectors)
+        missing = self.unsupported_parameters()
+        if missing:
+            raise ValueError(
+                f"route='reverse' needs per-sample gradients for every parameter; no rule for "
+                f"{missing[:5]}: use route='forward'"
+            )
+        S = self.positions()[0]
+        parts = [
+            self._reverse(theta.detach(), vectors, _slice(self.batch, i, self.chunk_sequences))
+            for i in range(0, S, self.chunk_sequences)
+        ]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _reverse(self, theta: Tensor, vectors: Tensor, batch) -> tuple[Tensor, Tensor]:
+        basis = {
+            n: b.reshape(*s, -1)
+            for n, b, s in zip(self.names, vectors.split(self.sizes), self.shapes, strict=True)
+        }
+        params = {n: p.requires_grad_(True) for n, p in self.unflatten(theta.clone()).items()}
+        records: list[tuple[nn.Module, str, tuple, Tensor]] = []
+        prefix = {mod: name for name, mod in self.module.named_modules()}
+
+        def hook(mod, inputs, output):
+            records.append((mod, prefix[mod], inputs, output))
+
+        handles = [
+            mod.register_forward_hook(hook)
+            for mod in self.module.modules()
+            if _projector(mod) is not None and any(True for _ in mod.parameters(recurse=False))
+        ]
+        try:
+            output = self.forward(_Bound(self.module, params), batch)
+        finally:
+            for h in handles:
+                h.remove()
+        token_losses = self.token_loss(output, batch)  # (S, P)
+        S, P = token_losses.shape
+        derivs = torch.zeros(S, P, vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
+        outs = [r[3] for r in records]
+        for p in range(P):
+            grads = torch.autograd.grad(
+                token_losses[:, p].sum(), outs, retain_graph=p < P - 1, allow_unused=True
+            )
+            with torch.no_grad():  # the projections must not hold on to the graph
+                for (mod, name, inputs, _), g in zip(records, grads, strict=True):
+                    if g is None:
+                        continue
+                    local = {
+                        n: basis[f"{name}.{n}" if name else n] for n, _ in mod.named_parameters(recurse=False)
+                    }
+                    derivs[:, p] += _projector(mod)(inputs, g, local)
+        records.clear()
+        return token_losses.detach().reshape(-1), derivs.reshape(S * P, -1)
+
+
+def _slice(batch, start: int, size: int):
+    """Sequences start:start+size of a batch (a tensor or a dict of tensors)."""
+    if isinstance(batch, dict):
+        return {k: v[start : start + size] for k, v in batch.items()}
+    return batch[start : start + size]
+
+
+class _Bound(nn.Module):
+    """Calls `module` with `params` substituted (functional_call), hooks intact."""
+
+    def __init__(self, module: nn.Module, params: dict[str, Tensor]):
+        super().__init__()
+        object.__setattr__(self, "_wrapped", module)
+        object.__setattr__(self, "_params", params)
+
+    def __call__(self, *args, **kwargs):
+        return torch.func.functional_call(self._wrapped, self._params, args, kwargs, strict=False)
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_wrapped"), name)
+
+
+# ------------------------------------------------------------ per-sample projections
+
+
+def _linear_projection(inputs: tuple, output_grad: Tensor, basis: dict[str, Tensor]) -> Tensor:
+    """<B, Σ_t δ_t a_tᵀ> per sequence: per-sample weight gradients, then one matmul."""
+    a = inputs[0]
+    S = a.shape[0]
+    a = a.reshape(S, -1, a.shape[-1])
+    delta = output_grad.reshape(S, -1, output_grad.shape[-1])
+    grad_w = torch.einsum("sto,sti->soi", delta, a).reshape(S, -1)
+    out = grad_w @ basis["weight"].reshape(-1, basis["weight"].shape[-1])
+    if "bias" in basis:
+        out = out + delta.sum(1) @ basis["bias"]
+    return out
+
+
+def _embedding_projection(inputs: tuple, output_grad: Tensor, basis: dict[str, Tensor]) -> Tensor:
+    """<B, Σ_t e_{id_t} δ_tᵀ> per sequence: gather the basis rows of the ids used."""
+    ids = inputs[0]
+    S = ids.shape[0]
+    ids = ids.reshape(S, -1)
+    delta = output_grad.reshape(S, ids.shape[1], -1)
+    rows = basis["weight"][ids]  # (S, T, D, m)
+    return torch.einsum("std,stdm->sm", delta, rows)
+
+
+def _projector(mod: nn.Module):
+    if isinstance(mod, nn.Linear):
+        return _linear_projection
+    if isinstance(mod, nn.Embedding):
+        return _embedding_projection
+    return getattr(mod, "project_per_sample_grads", None)

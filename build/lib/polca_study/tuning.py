@@ -1,0 +1,106 @@
+"""Each method's tuned clustering settings, from the studies of `+sweep=tune_methods`.
+
+The tuning study runs one Optuna study per method (`<study>-<method>`, the same space,
+sampler, seed and number of trials), each trial scored on the tuning seeds. When it
+ends, `ExportTuned` writes every method's best settings as a complete
+`<sweep dir>/tuned/method/<name>.yaml`, the package's file with the searched keys
+replaced. Hydra's `--config-dir` (`-cd`) puts that directory before the package's
+configs, so
+
+    polca-study -cd multirun/studies/tune_methods/tuned method=loss
+
+clusters the loss with the settings tuned for it. The package ships the settings of the
+tuning run quoted in docs/comparison.md; copy a new run's files over
+`polca_study/conf/method/` to make them the defaults. By hand:
+
+    python -m polca_study.tuning <sweep dir> [storage] [study name]
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import optuna
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from polca_study.cache import write_atomic
+from polca_study.cli import CONF_DIR
+from polca_study.methods import METHODS
+
+log = logging.getLogger(__name__)
+
+
+def best_settings(storage: str, study_name: str) -> dict[str, dict]:
+    """{method: {"value", "trial", "trials", "params"}} of each `<study_name>-<method>`."""
+    out = {}
+    for name in optuna.get_all_study_names(storage):
+        method = name.removeprefix(f"{study_name}-")
+        if not name.startswith(f"{study_name}-") or method not in METHODS:
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not done:
+            continue
+        best = study.best_trial
+        out[method] = {
+            "value": float(best.value),
+            "trial": best.number,
+            "trials": len(done),
+            "params": dict(best.params),
+        }
+    return out
+
+
+def method_yaml(method: str, params: dict, note: str) -> str:
+    """The package's conf/method/<method>.yaml with `params` (dotted keys) set."""
+    cfg = OmegaConf.load(Path(CONF_DIR) / "method" / f"{method}.yaml")
+    for key, value in params.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return f"# @package _global_\n# {note}\n" + OmegaConf.to_yaml(cfg)
+
+
+def export_tuned(sweep_dir: Path, storage: str, study_name: str) -> dict[str, dict]:
+    """Write tuned/method/<name>.yaml and tuned/summary.md into `sweep_dir`."""
+    best = best_settings(storage, study_name)
+    out = Path(sweep_dir) / "tuned" / "method"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "| method | best objective (mean over tuning seeds) | trial | trials | settings |",
+        "|---|---|---|---|---|",
+    ]
+    for method, b in sorted(best.items()):
+        note = (
+            f"Tuned by study {study_name}-{method}: best of {b['trials']} trials, "
+            f"objective {b['value']:.4f} (trial {b['trial']})."
+        )
+        text = method_yaml(method, b["params"], note)
+        write_atomic(out / f"{method}.yaml", lambda p, t=text: p.write_text(t))
+        settings = ", ".join(f"{k.removeprefix('cluster.')}={v}" for k, v in sorted(b["params"].items()))
+        lines.append(f"| {method} | {b['value']:.4f} | {b['trial']} | {b['trials']} | {settings} |")
+    summary = "\n".join(lines) + "\n"
+    write_atomic(out.parent / "summary.md", lambda p: p.write_text(summary))
+    log.info(
+        "tuned settings of %d methods in %s; use them with: polca-study -cd %s ...",
+        len(best),
+        out,
+        out.parent,
+    )
+    return best
+
+
+class ExportTuned(Callback):
+    """Hydra callback of the tuning study: export every method's best settings."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweeper = config.hydra.sweeper
+        export_tuned(Path(config.hydra.sweep.dir), sweeper.storage, sweeper.study_name)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3, 4):
+        raise SystemExit("usage: python -m polca_study.tuning <sweep dir> [storage] [study name]")
+    storage = sys.argv[2] if len(sys.argv) > 2 else "sqlite:///optuna/studies.db"
+    print(export_tuned(Path(sys.argv[1]), storage, sys.argv[3] if len(sys.argv) > 3 else "tune_methods"))
