@@ -98,3 +98,51 @@ def test_rising_vectors_are_those_whose_mean_projected_loss_rises(traj):
     totals = polca.sum(axis=1).mean(axis=0)
     assert rising_vectors(t).tolist() == np.flatnonzero(totals > 0).tolist()
     assert 1 in rising_vectors(t).tolist()
+
+
+def test_clusters_of_kept_vectors_keep_their_original_column_index():
+    """After a rising vector is dropped, tables name the remaining vectors by their index
+    in the basis, not their position among the kept ones."""
+    from polca_study.pipeline import analyse
+    from polca_study.task import make_task
+
+    settings = validate(
+        compose_config(
+            [
+                "experiment=tiny",
+                "score.permutations=0",
+                "score.probe=false",
+                "cluster.grouping=none",
+                "cluster.min_cluster_size=20",
+                "cluster.normalize=none",
+            ]
+        )
+    )
+    task = make_task(settings.dataset)
+    n, T = len(task.eval_split.labels), 13
+    rng = np.random.default_rng(0)
+    polca = rng.normal(-0.01, 0.001, (n, T - 1, 3))
+    polca[:, :, 1] = np.abs(polca[:, :, 1]) + 0.1  # vector 1 rises for every token: dropped
+    half = np.arange(n) < n // 2  # vector 2 splits the tokens into an early and a late group
+    early, late = np.zeros(T - 1), np.zeros(T - 1)
+    early[2], late[9] = -1, -1
+    polca[:, :, 2] = np.where(half[:, None], early, late) + rng.normal(0, 0.01, (n, T - 1))
+    traj = {
+        "steps": np.arange(T) * 20,
+        "polca": polca,
+        "first_order": polca,
+        "losses": np.linspace(2, 1, T)[None].repeat(n, 0),
+        "grads": rng.normal(size=(n, T, 3)),
+    }
+    metrics, tables, assign, _ = analyse(settings, task, "polca", traj, None)
+    assert metrics["vectors_dropped"] == [1]
+    table = tables["clusters"]
+    assert set(table.vector) <= {0, 2} and 2 in set(table.vector)
+    assert (assign[:, 1] == -2).all()  # the dropped column is filtered throughout
+    # vector 2's two planted groups, found under their own index, the late one later
+    found = {}
+    for row in table[table.vector == 2].itertuples():
+        members = assign[:, 2] == row.cluster
+        if members[half].all() or not members[half].any():
+            found["early" if members[half].any() else "late"] = row.breakthrough_step
+    assert found["late"] > found["early"]
