@@ -226,13 +226,13 @@ def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.D
     return pd.DataFrame(rows)
 
 
-def seeds_markdown(agg: pd.DataFrame) -> str:
+def seeds_markdown(agg: pd.DataFrame, metrics: tuple[str, ...] = SEED_METRICS) -> str:
     """Conditions as rows, metrics as columns: mean ± sd [95% interval] (n)."""
     cell = agg.apply(
         lambda r: f"{r['mean']:.3f} ± {r['std']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n})", axis=1
     )
     wide = agg.assign(cell=cell).pivot(index="condition", columns="metric", values="cell")
-    wide = wide[[m for m in SEED_METRICS if m in wide]]
+    wide = wide[[m for m in metrics if m in wide]]
     return wide.reset_index().to_markdown(index=False) + "\n"
 
 
