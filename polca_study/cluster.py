@@ -13,6 +13,11 @@ import hdbscan
 import numpy as np
 
 OUTLIER, FILTERED = -1, -2
+NORMALIZE = ("none", "zscore", "final")
+FEATURES = ("trajectory", "increments", "window")
+GROUPING = ("none", "place", "subtract_place")
+SELECTION = ("eom", "leaf")
+METRICS = ("euclidean", "manhattan", "chebyshev", "cosine")
 GENERIC_MAX = 6000  # tokens up to which HDBSCAN uses its all-pairs algorithm
 
 

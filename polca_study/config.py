@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-from polca_study import methods
+from polca_study import cluster, methods, polca
 from polca_study.cluster import ClusterConfig
 from polca_study.data.corpus import SOURCES
 from polca_study.data.tagging import TAGGERS
@@ -23,13 +23,11 @@ from polca_study.train import TrainConfig
 
 METHODS = tuple(methods.METHODS)
 BASIS_KINDS = ("hessian", "random", "shuffled")
-SECOND_ORDER = ("none", "exact", "paper", "path")
-ROUTES = ("auto", "forward", "reverse")
-NORMALIZE = ("none", "zscore", "final")
-FEATURES = ("trajectory", "increments", "window")
-GROUPING = ("none", "place", "subtract_place")
-SELECTION = ("eom", "leaf")
-METRICS = ("euclidean", "manhattan", "chebyshev", "cosine")
+# Option sets live with the code that implements them; this module only checks them.
+SECOND_ORDER = polca.SECOND_ORDER_MODES
+ROUTES = polca.ROUTES
+NORMALIZE, FEATURES, GROUPING = cluster.NORMALIZE, cluster.FEATURES, cluster.GROUPING
+SELECTION, METRICS = cluster.SELECTION, cluster.METRICS
 LOGGER_MODES = ("auto", "offline", "online", "disabled")
 STAGES = ("train", "basis", "decompose")
 
