@@ -86,6 +86,8 @@ def comparison_table(sweep_dir: Path) -> pd.DataFrame:
 # context within which methods are paired.
 METHOD_KEYS = ("method", "polca", "polca.second_order", "basis", "basis.kind")
 REFERENCE = {"method": "polca"}  # POLCA with the default (path) second order and basis
+# Overrides that change how a job runs, not what it measures: never part of a condition.
+RUN_KEYS = ("cache_dir", "num_threads", "logger", "progress", "figures", "save_trajectories", "device")
 SEED_METRICS = (
     "carry_recovery",
     "carry_recovery_excess",
@@ -123,7 +125,7 @@ def seed_frame(sweep_dir: Path) -> pd.DataFrame:
     varying = {k for k in keys if len({o.get(k) for o in overrides}) > 1}
     for summary, over in zip(summaries, overrides, strict=True):
         metrics = json.loads(summary.read_text())
-        rest = {k: v for k, v in over.items() if k != "seed" and k in varying}
+        rest = {k: v for k, v in over.items() if k != "seed" and k in varying and k not in RUN_KEYS}
         method = {k: v for k, v in rest.items() if k in METHOD_KEYS}
         context = {k: v for k, v in rest.items() if k not in METHOD_KEYS}
         rows.append(

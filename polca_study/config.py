@@ -206,7 +206,8 @@ def validate(cfg: DictConfig) -> Config:
     _choice("method.name", obj.method.name, METHODS)
     if not 0.5 <= obj.score.homogeneity_threshold <= 1:
         raise ConfigError("score.homogeneity_threshold must be in [0.5, 1]")
-    _at_least("score.permutations", obj.score.permutations, 0)
+    # the objectives are measured against their permutation null
+    _at_least("score.permutations", obj.score.permutations, 1)
     _at_least("score.breakthrough_delta", obj.score.breakthrough_delta, 1)
     _at_least("score.hidden_margin", obj.score.hidden_margin, 0)
     if not 0 < obj.score.label_coverage <= 1:

@@ -262,6 +262,7 @@ def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
         if len(frame):
             frame["vector"] = keep[frame["vector"].to_numpy()]
     table = table.merge(breakthroughs, on=["vector", "cluster"], how="left")
+    _remap_columns(metrics, keep, curves.curves.shape[2])
     tables["clusters"] = table
     metrics = {
         "method": method,
@@ -280,6 +281,20 @@ def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
     full = np.zeros((len(labels), curves.curves.shape[2]), dtype=int) - 2
     full[:, keep] = assign
     return metrics, tables, full, curves
+
+
+def _remap_columns(metrics: dict, keep: np.ndarray, width: int) -> None:
+    """Per-column metrics name a column by its index in the method's columns (a dropped
+    basis vector's entry is None), as the cluster tables do, not by its kept position."""
+    for key, value in metrics.items():
+        if key.endswith("_per_vector") and isinstance(value, list) and len(value) == len(keep):
+            full: list = [None] * width
+            for position, column in enumerate(keep):
+                full[column] = value[position]
+            metrics[key] = full
+        elif key.startswith("top_") and isinstance(value, list):
+            for entry in value:
+                entry["vector"] = int(keep[entry["vector"]])
 
 
 def score_arithmetic(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.DataFrame, columns: int):

@@ -42,6 +42,7 @@ def test_paper_preset_matches_the_paper():
     [
         ("basis.k=0", "basis.k must be >= 1"),
         ("cluster.min_cluster_size=-3", "cluster.min_cluster_size must be >= 2"),
+        ("score.permutations=0", "score.permutations must be >= 1"),
         ("polca.second_order=fourth", "polca.second_order must be one of"),
         ("polca.interval=30", "polca.interval=30 must be a multiple of train.checkpoint_every"),
         ("model.n_heads=3", "model.d_model (64) must be divisible by model.n_heads (3)"),

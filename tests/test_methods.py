@@ -110,7 +110,7 @@ def test_clusters_of_kept_vectors_keep_their_original_column_index():
         compose_config(
             [
                 "experiment=tiny",
-                "score.permutations=0",
+                "score.permutations=1",
                 "score.probe=false",
                 "cluster.grouping=none",
                 "cluster.min_cluster_size=20",
@@ -139,6 +139,9 @@ def test_clusters_of_kept_vectors_keep_their_original_column_index():
     table = tables["clusters"]
     assert set(table.vector) <= {0, 2} and 2 in set(table.vector)
     assert (assign[:, 1] == -2).all()  # the dropped column is filtered throughout
+    assert metrics["coverage_per_vector"][1] is None and len(metrics["coverage_per_vector"]) == 3
+    assert metrics["filter_carry_rate_per_vector"][1] is None
+    assert {e["vector"] for e in metrics["top_place"]} <= {0, 2}
     # vector 2's two planted groups, found under their own index, the late one later
     found = {}
     for row in table[table.vector == 2].itertuples():
