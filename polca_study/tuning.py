@@ -56,10 +56,18 @@ def best_settings(storage: str, study_name: str) -> dict[str, dict]:
 
 def method_yaml(method: str, params: dict, note: str) -> str:
     """The package's conf/method/<method>.yaml with `params` (dotted keys) set."""
-    cfg = OmegaConf.load(Path(CONF_DIR) / "method" / f"{method}.yaml")
+    path = Path(CONF_DIR) / "method" / f"{method}.yaml"
+    cfg = OmegaConf.load(path)
     for key, value in params.items():
         OmegaConf.update(cfg, key, value, force_add=True)
-    return f"# @package _global_\n# {note}\n" + OmegaConf.to_yaml(cfg)
+    # keep the file's description (its leading comments), replace any earlier tuning note
+    lines = path.read_text().splitlines()
+    head = [
+        x
+        for x in lines[: next(i for i, x in enumerate(lines) if not x.startswith("#"))]
+        if not x.startswith(("# @package", "# Tuned by"))
+    ]
+    return "\n".join(["# @package _global_", *head, f"# {note}"]) + "\n" + OmegaConf.to_yaml(cfg)
 
 
 def export_tuned(sweep_dir: Path, storage: str, study_name: str) -> dict[str, dict]:
