@@ -136,7 +136,7 @@ def resolve_tagger(name: str) -> str:
     if name == "spacy" and not spacy_model():
         raise ValueError(
             f"dataset.tagger=spacy needs spaCy with one of {list(SPACY_MODELS)} installed "
-            "(see the README); use dataset.tagger=rules or auto"
+            "(see docs/text.md); use dataset.tagger=rules or auto"
         )
     return name
 
