@@ -11,7 +11,7 @@ Writes into the sweep directory, and logs to W&B in the sweep's group:
   the mean, standard deviation, a 95% bootstrap interval over seeds and the number of
   seeds; and `paired.md/.csv`, POLCA against each other method under the same remaining
   settings, paired by seed: the mean difference, its 95% bootstrap interval, an exact
-  sign-flip test and a paired t-test.
+  sign-flip test and a paired t-test; `summary.md`, the main metrics of both, short.
 """
 
 from __future__ import annotations
@@ -238,6 +238,56 @@ def seeds_markdown(agg: pd.DataFrame, metrics: tuple[str, ...] = SEED_METRICS) -
     return wide.reset_index().to_markdown(index=False) + "\n"
 
 
+SUMMARY_METRICS = {
+    "carry_recovery": "carry_recovery",
+    "carry_recovery_excess": "excess over null",
+    "carry_recovery_p": "p (null)",
+    "carry_top1_carry_homogeneity": "top carry hom.",
+    "hidden_breakthrough_fraction": "hidden BT frac.",
+    "label_purity_excess": "purity excess",
+}
+
+
+def summary_markdown(frame: pd.DataFrame, agg: pd.DataFrame, paired: pd.DataFrame) -> str:
+    """A short read of the two tables: per context, each method's mean [95% interval] of
+    the main metrics, then POLCA minus each baseline on the objective and its excess."""
+    out = []
+    for context in sorted(frame["context"].unique()):
+        rows = []
+        for condition in frame.loc[frame["context"] == context, "condition"].unique():
+            sub = agg[agg["condition"] == condition].set_index("metric")
+            method = frame.loc[frame["condition"] == condition, "method"].iloc[0]
+            row = {"method": method, "seeds": int(sub["n"].max())}
+            for m, name in SUMMARY_METRICS.items():
+                if m in sub.index:
+                    r = sub.loc[m]
+                    row[name] = f"{r['mean']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
+            rows.append(row)
+        table = pd.DataFrame(rows)
+        table = table[["method", "seeds", *[n for n in SUMMARY_METRICS.values() if n in table]]]
+        out += [f"### {context or 'all jobs'}", "", table.to_markdown(index=False), ""]
+        p = paired[
+            (paired["context"] == context)
+            & paired["metric"].isin(["carry_recovery", "carry_recovery_excess", "label_purity_excess"])
+        ]
+        if len(p):
+            p = p.assign(
+                diff=[
+                    f"{r.polca_minus_baseline:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
+                    f"p = {r.sign_flip_p:.3f}"
+                    for r in p.itertuples()
+                ]
+            )
+            wide = p.pivot(index=["baseline", "n"], columns="metric", values="diff").reset_index()
+            out += [
+                "POLCA minus each baseline, paired by seed (sign-flip p):",
+                "",
+                wide.to_markdown(index=False),
+                "",
+            ]
+    return "\n".join(out)
+
+
 def _job_number(run_dir: Path) -> tuple[int, str]:
     return (int(run_dir.name), "") if run_dir.name.isdigit() else (1 << 30, run_dir.name)
 
@@ -258,6 +308,7 @@ def write_comparison(sweep_dir: Path, logger_cfg: DictConfig | None = None) -> p
         (sweep_dir / "seeds.md").write_text(seeds_markdown(agg))
         paired.to_csv(sweep_dir / "paired.csv", index=False)
         (sweep_dir / "paired.md").write_text(paired.to_markdown(index=False, floatfmt=".3f") + "\n")
+        (sweep_dir / "summary.md").write_text(summary_markdown(frame, agg, paired))
         tables.update(seeds=agg, paired=paired)
         log.info(
             "%d seeds: per-condition means and intervals in seeds.md, POLCA against each "

@@ -92,3 +92,5 @@ def test_tables_over_seeds_from_a_synthetic_sweep(tmp_path):
     write_comparison(tmp_path)
     assert "0.520 ± 0.016" in (tmp_path / "seeds.md").read_text()
     assert (tmp_path / "paired.csv").exists()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "0.520 [" in summary and "+0.280 [" in summary  # POLCA's mean; its paired gain
