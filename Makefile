@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # The offline text corpus (Jane Austen, from Debian's r-cran-janeaustenr package).
 DATA_DIR ?= $(or $(POLCA_DATA_DIR),data)
 
-.PHONY: install corpus run test lint bench tune compare clean-cache
+.PHONY: install corpus run test lint bench tune compare compare-modes clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +44,10 @@ COMPARE := $(VENV)/bin/polca-study -m +sweep=compare_methods $(ARGS)
 compare: install
 	$(COMPARE)
 	$(COMPARE) seed=200,201,202 dataset.carry_rate=0.08 method=lca,random_basis,shuffled_basis
+
+# POLCA's exact and paper second-order modes (about 6x the decomposition of path each)
+compare-modes: install
+	$(COMPARE) seed=200,201 dataset.carry_rate=0.08 method=polca polca=exact,paper
 
 bench: install
 	$(PY) benchmarks/stages.py
