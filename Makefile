@@ -36,7 +36,9 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 # The method comparison (docs/comparison.md): tune every method's clustering on seeds 100
-# and 101 with the same budget, then run every method on the held-out seeds 200-204.
+# and 101 with the same budget, then run every method on the held-out seeds 200-204 (with
+# the packaged settings; add ARGS="hydra.searchpath=[file://$$PWD/multirun/studies/tune_methods/configs]"
+# to compare with the settings of your own tuning run).
 tune: install
 	$(VENV)/bin/polca-study -m +sweep=tune_methods $(ARGS)
 

@@ -23,10 +23,11 @@ GENERIC_MAX = 6000  # tokens up to which HDBSCAN uses its all-pairs algorithm
 
 @dataclass
 class ClusterConfig:
-    """HDBSCAN and trajectory settings (the `cluster` config group)."""
+    """HDBSCAN and trajectory settings (the `cluster` config group). The defaults are the
+    default run's: POLCA's tuned settings (conf/method/polca.yaml)."""
 
-    min_cluster_size: int = 50
-    min_samples: float = 10  # a count (>= 1) or a fraction of the clustered tokens (< 1)
+    min_cluster_size: int = 51
+    min_samples: float = 2  # a count (>= 1) or a fraction of the clustered tokens (< 1)
     selection_method: str = "eom"  # eom | leaf
     metric: str = "euclidean"
     normalize: str = "zscore"  # none | zscore (per token) | final (divide by final value)

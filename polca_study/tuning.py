@@ -2,16 +2,16 @@
 
 The tuning study runs one Optuna study per method (`<study>-<method>`, the same space,
 sampler, seed and number of trials), each trial scored on the tuning seeds. When it
-ends, `ExportTuned` writes every method's best settings as a complete
-`<sweep dir>/tuned/method/<name>.yaml`, the package's file with the searched keys
-replaced. Hydra's `--config-dir` (`-cd`) puts that directory before the package's
-configs, so
+ends, `ExportTuned` writes every method's best settings as
+`<sweep dir>/configs/tuned_method/<name>.yaml`. Every `conf/method/<name>.yaml` ends its
+defaults list with `optional /tuned_method: <name>`, so with that directory on Hydra's
+search path
 
-    polca-study -cd multirun/studies/tune_methods/tuned method=loss
+    polca-study hydra.searchpath=[file://$PWD/multirun/studies/tune_methods/configs] method=loss
 
-clusters the loss with the settings tuned for it. The package ships the settings of the
-tuning run quoted in docs/comparison.md; copy a new run's files over
-`polca_study/conf/method/` to make them the defaults. By hand:
+clusters the loss with the settings of your tuning run. The package ships the settings
+of the tuning run quoted in docs/comparison.md, in each method file's `cluster` block.
+By hand:
 
     python -m polca_study.tuning <sweep dir> [storage] [study name]
 """
@@ -54,26 +54,20 @@ def best_settings(storage: str, study_name: str) -> dict[str, dict]:
     return out
 
 
-def method_yaml(method: str, params: dict, note: str) -> str:
-    """The package's conf/method/<method>.yaml with `params` (dotted keys) set."""
-    path = Path(CONF_DIR) / "method" / f"{method}.yaml"
-    cfg = OmegaConf.load(path)
+def tuned_yaml(method: str, params: dict, note: str) -> str:
+    """The `tuned_method/<method>.yaml` of `params` (dotted keys): the method's settings
+    from its package file with the tuned keys replaced."""
+    cfg = OmegaConf.load(Path(CONF_DIR) / "method" / f"{method}.yaml")
+    cfg.pop("defaults", None)
     for key, value in params.items():
         OmegaConf.update(cfg, key, value, force_add=True)
-    # keep the file's description (its leading comments), replace any earlier tuning note
-    lines = path.read_text().splitlines()
-    head = [
-        x
-        for x in lines[: next(i for i, x in enumerate(lines) if not x.startswith("#"))]
-        if not x.startswith(("# @package", "# Tuned by"))
-    ]
-    return "\n".join(["# @package _global_", *head, f"# {note}"]) + "\n" + OmegaConf.to_yaml(cfg)
+    return f"# @package _global_\n# {note}\n" + OmegaConf.to_yaml(cfg)
 
 
 def export_tuned(sweep_dir: Path, storage: str, study_name: str) -> dict[str, dict]:
-    """Write tuned/method/<name>.yaml and tuned/summary.md into `sweep_dir`."""
+    """Write configs/tuned_method/<name>.yaml and configs/summary.md into `sweep_dir`."""
     best = best_settings(storage, study_name)
-    out = Path(sweep_dir) / "tuned" / "method"
+    out = Path(sweep_dir).resolve() / "configs" / "tuned_method"
     out.mkdir(parents=True, exist_ok=True)
     lines = [
         "| method | best objective (mean over tuning seeds) | trial | trials | settings |",
@@ -84,14 +78,14 @@ def export_tuned(sweep_dir: Path, storage: str, study_name: str) -> dict[str, di
             f"Tuned by study {study_name}-{method}: best of {b['trials']} trials, "
             f"objective {b['value']:.4f} (trial {b['trial']})."
         )
-        text = method_yaml(method, b["params"], note)
+        text = tuned_yaml(method, b["params"], note)
         write_atomic(out / f"{method}.yaml", lambda p, t=text: p.write_text(t))
         settings = ", ".join(f"{k.removeprefix('cluster.')}={v}" for k, v in sorted(b["params"].items()))
         lines.append(f"| {method} | {b['value']:.4f} | {b['trial']} | {b['trials']} | {settings} |")
     summary = "\n".join(lines) + "\n"
     write_atomic(out.parent / "summary.md", lambda p: p.write_text(summary))
     log.info(
-        "tuned settings of %d methods in %s; use them with: polca-study -cd %s ...",
+        "tuned settings of %d methods in %s; use them with: polca-study hydra.searchpath=[file://%s] ...",
         len(best),
         out,
         out.parent,

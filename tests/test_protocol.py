@@ -51,9 +51,9 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
         spaces.append({k: repr(d) for k, d in trials[0].distributions.items()})
     assert all(s == spaces[0] for s in spaces)  # the same search space for every method
     assert "cluster.feature" not in spaces[0]
-    tuned = tune_dir / "tuned"
+    tuned = tune_dir / "configs"
     for m in METHODS:
-        cfg = OmegaConf.load(tuned / "method" / f"{m}.yaml")
+        cfg = OmegaConf.load(tuned / "tuned_method" / f"{m}.yaml")
         best = optuna.load_study(study_name=f"tune_methods-{m}", storage=storage).best_params
         assert cfg.method.name == m
         assert all(OmegaConf.select(cfg, k) == v for k, v in best.items())
@@ -62,9 +62,8 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
     compare_dir = tmp_path / "compare"
     polca(
         [
-            "-cd",
-            str(tuned),
             "-m",
+            f"hydra.searchpath=[file://{tuned}]",
             "+sweep=compare_methods",
             "experiment=tiny",
             "num_threads=1",
@@ -79,9 +78,8 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
     )
     polca(
         [
-            "-cd",
-            str(tuned),
             "-m",
+            f"hydra.searchpath=[file://{tuned}]",
             "+sweep=compare_methods",
             "experiment=tiny",
             "num_threads=1",
@@ -101,7 +99,7 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
     # the tuned settings were used (but the sizes, which experiment=tiny sets for its scale)
     job = next(p.parent for p in jobs if "cluster=tuned" in str(p) and "method=loss," in str(p))
     used = OmegaConf.load(job / "config.yaml").cluster
-    want = OmegaConf.load(tuned / "method" / "loss.yaml").cluster
+    want = OmegaConf.load(tuned / "tuned_method" / "loss.yaml").cluster
     for key in ("selection_method", "normalize", "grouping"):
         assert used[key] == want[key]
     seeds = pd.read_csv(compare_dir / "seeds.csv")
@@ -124,20 +122,27 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
     assert "compare_methods" in records and '"seed"' in records and '"method"' in records
 
 
-def test_tuned_settings_are_found_by_an_installed_cli_with_config_dir(tmp_path):
-    """-cd puts a tuned directory before the package's configs."""
+def test_tuned_settings_on_the_search_path_replace_the_packaged_ones(tmp_path):
+    """A tuning run's configs/tuned_method/<name>.yaml, once its directory is on Hydra's
+    search path, overrides the method's packaged settings; cluster=paper still wins."""
     import subprocess
 
-    (tmp_path / "method").mkdir()
-    (tmp_path / "method" / "loss.yaml").write_text(
+    (tmp_path / "tuned_method").mkdir()
+    (tmp_path / "tuned_method" / "loss.yaml").write_text(
         "# @package _global_\nmethod:\n  name: loss\ncluster:\n  min_cluster_size: 77\n"
     )
-    out = subprocess.run(
-        POLCA + ["-cd", str(tmp_path), "method=loss", "--cfg", "job"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "min_cluster_size: 77" in out.stdout
+
+    def composed(*overrides):
+        out = subprocess.run(
+            POLCA + [f"hydra.searchpath=[file://{tmp_path}]", *overrides, "--cfg", "job"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        return OmegaConf.create(out.stdout)
+
+    assert composed("method=loss").cluster.min_cluster_size == 77
+    assert composed("method=loss", "cluster=paper").cluster.min_cluster_size == 150
+    assert composed("method=polca").cluster.min_cluster_size == 51  # no tuned file: the package's

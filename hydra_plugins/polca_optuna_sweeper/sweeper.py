@@ -213,9 +213,10 @@ class OptunaSweeper(Sweeper):
         path = sqlite_path(self.storage)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        study = optuna.create_study(
-            study_name=name, storage=self.storage, load_if_exists=True, direction=self.direction
-        )
+        with study_lock(self.storage, name):  # workers on a fresh database race to create its tables
+            study = optuna.create_study(
+                study_name=name, storage=self.storage, load_if_exists=True, direction=self.direction
+            )
         # offset the seed by the trials already there, so a resumed study (or a second
         # worker) does not replay the first session's samples
         seed = self.sampler_conf.seed
