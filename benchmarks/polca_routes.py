@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import glob
-import pickle
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from polca_study.data.arithmetic import ArithmeticData, token_loss
@@ -55,10 +55,10 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 def checkpoints(d: int) -> list[torch.Tensor]:
     """Snapshots of the default study's trained model when cached, else a short training."""
-    found = sorted(glob.glob(".cache/polca_study/train/*/payload.pt"))
+    found = sorted(glob.glob(".cache/polca_study/train/*/arrays.npz"))
     for path in found:
-        with open(path, "rb") as f:
-            snaps = pickle.load(f)["snapshots"]
+        with np.load(path, allow_pickle=False) as arrays:
+            snaps = torch.from_numpy(arrays["snapshots"])
         if snaps.shape[1] == d and len(snaps) > 40:
             return [snaps[i] for i in (20, 21, 22, 23)]
     raise SystemExit("run the default study first (make run) so its trained model is cached")

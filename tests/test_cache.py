@@ -33,3 +33,58 @@ def test_a_different_spec_is_a_different_entry(tmp_path):
     assert _count(cache, "train", {"a": 1}, calls) == {"value": 1}
     assert _count(cache, "train", {"a": 2}, calls) == {"value": 2}
     assert _count(cache, "train", {"a": 1}, calls) == {"value": 1}
+
+
+def test_payloads_round_trip_without_pickle(tmp_path):
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    result = {
+        "snapshots": torch.randn(3, 5),
+        "steps": np.arange(3),
+        "tags": np.array(["DET", "CAP"], dtype=object),
+        "history": pd.DataFrame({"step": [0, 25], "loss": [2.0, 1.5]}),
+        "hvps": np.int64(7),
+        "exact_second": None,
+        "tokenizer": "{}",
+    }
+    cache = StageCache(tmp_path)
+    cache.save("train", "k", {}, result)
+    got = cache.load("train", "k")
+    assert list(got) == list(result)
+    assert torch.equal(got["snapshots"], result["snapshots"]) and got["snapshots"].dtype == torch.float32
+    assert np.array_equal(got["steps"], result["steps"]) and got["tags"].tolist() == ["DET", "CAP"]
+    pd.testing.assert_frame_equal(got["history"], result["history"])
+    assert (got["hvps"], got["exact_second"], got["tokenizer"]) == (7, None, "{}")
+
+
+def test_an_old_pickled_entry_is_recomputed_not_unpickled(tmp_path):
+    import json
+    import pickle
+
+    from polca_study.cache import stage_key
+
+    key = stage_key("basis", {})
+    entry = tmp_path / "basis" / key
+    entry.mkdir(parents=True)
+
+    class Boom:  # what a hostile payload would run on unpickling
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled')",))
+
+    (entry / "payload.pt").write_bytes(pickle.dumps({"x": Boom()}))
+    (entry / "meta.json").write_text(json.dumps({"stage": "basis", "key": key, "sha256": "0"}))
+    calls = []
+    assert StageCache(tmp_path).load("basis", key) is None
+    assert _count(StageCache(tmp_path), "basis", {}, calls) == {"value": 1}  # recomputed
+    assert not (entry / "payload.pt").exists()  # replaced by the new format
+
+
+def test_the_package_never_unpickles():
+    from pathlib import Path
+
+    import polca_study
+
+    sources = Path(polca_study.__file__).parent.rglob("*.py")
+    assert not [p for p in sources if "pickle.load" in p.read_text() or "torch.load" in p.read_text()]

@@ -112,7 +112,7 @@ def test_killed_run_resumes_without_recomputing_finished_stages(tmp_path, tiny_o
     proc.wait()
     assert list((cache / "basis").glob("[!.]*")), "the run never finished its basis stage"
     assert not list((cache / "decompose").glob("[!.]*")), "the run finished before it was killed"
-    train_entry = next((cache / "train").glob("[!.]*")) / "payload.pt"
+    train_entry = next((cache / "train").glob("[!.]*")) / "arrays.npz"
     stamp = train_entry.stat().st_mtime_ns
     polca(args, env)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -122,7 +122,7 @@ def test_killed_run_resumes_without_recomputing_finished_stages(tmp_path, tiny_o
 
 def test_corrupt_cache_entry_is_recomputed(tmp_path, tiny_overrides, env):
     polca(tiny_overrides + [f"hydra.run.dir={tmp_path}/a"], env)
-    payload = next((tmp_path / "cache" / "basis").glob("[!.]*")) / "payload.pt"
+    payload = next((tmp_path / "cache" / "basis").glob("[!.]*")) / "arrays.npz"
     payload.write_bytes(payload.read_bytes()[:-10] + b"corrupted!")
     polca(tiny_overrides + [f"hydra.run.dir={tmp_path}/b"], env)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())

@@ -1,5 +1,6 @@
 """The package as users install it: a wheel, outside the checkout."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -12,6 +13,7 @@ import pytest
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
+TOP_LEVEL_SKIP = {".venv", ".git", ".cache", "data", "build", "multirun", "outputs"}
 
 
 def test_wheel_carries_its_configs_and_runs_outside_the_checkout(tmp_path, env):
@@ -20,6 +22,14 @@ def test_wheel_carries_its_configs_and_runs_outside_the_checkout(tmp_path, env):
     through a .pth file (installing torch and the rest again would take minutes here);
     `pip check` then proves the wheel's declared dependencies are all satisfied."""
     dist = tmp_path / "dist"
+    # build from a copy: setuptools leaves build/ beside the sources it builds
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=lambda where, names: TOP_LEVEL_SKIP & set(names) if Path(where) == ROOT else set(),
+    )
     subprocess.run(
         [
             sys.executable,
@@ -31,7 +41,7 @@ def test_wheel_carries_its_configs_and_runs_outside_the_checkout(tmp_path, env):
             "-q",
             "-w",
             str(dist),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         timeout=600,

@@ -1,1 +1,0 @@
-"""polca-study: hidden breakthroughs in model training."""

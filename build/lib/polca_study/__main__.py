@@ -1,3 +1,0 @@
-from polca_study.cli import main
-
-main()
