@@ -14,6 +14,7 @@ Entries of the earlier pickled format are recomputed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,7 +22,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ import torch
 
 log = logging.getLogger(__name__)
 # Bump when a stage's computation changes, so old entries are not reused.
-CODE_VERSION = {"train": 1, "basis": 1, "decompose": 1, "trajectories": 1}
+CODE_VERSION = {"train": 2, "basis": 2, "decompose": 2, "trajectories": 2}
 # Stages that `force=[<name>]` recomputes besides the one of that name: LCA's
 # per-parameter decomposition ("trajectories") is a decomposition too.
 FORCE_ALSO = {"decompose": {"trajectories"}}
@@ -118,18 +121,79 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    @contextmanager
+    def lock(self, stage: str, key: str) -> Iterator[None]:
+        """Hold the entry's lock: parallel jobs (the joblib launcher, workers sharing a
+        cache) that miss the same entry compute it once; the others wait, then read it."""
+        (self.root / stage).mkdir(parents=True, exist_ok=True)
+        with open(self.root / stage / f".{key}.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def get_or_compute(
-        self, stage: str, spec: dict, compute: Callable[[], dict[str, Any]]
-    ) -> tuple[dict[str, Any], str]:
-        """The cached result of `stage` for `spec`, computing and storing it on a miss."""
+        self, stage: str, spec: dict, compute: Callable[[], Any], result_type: type | None = None
+    ):
+        """The cached result of `stage` for `spec`, computing and storing it on a miss.
+        Returns (result, key). `result_type`: the dataclass `compute` returns (saved field
+        by field, rebuilt on load); None for a dict."""
         key = stage_key(stage, spec)
         forced = stage in self.force or "all" in self.force
         result = None if forced else self.load(stage, key)
-        self.hits[stage] = result is not None
         if result is None:
-            result = compute()
-            self.save(stage, key, spec, result, replace=forced)
-        return result, key
+            with self.lock(stage, key):
+                result = None if forced else self.load(stage, key)  # another job's, meanwhile
+                self.hits[stage] = result is not None
+                if result is None:
+                    result = compute()
+                    self.save(stage, key, spec, _fields(result), replace=forced)
+                    return result, key
+        self.hits[stage] = True
+        return (result_type(**result) if result_type else result), key
+
+    def get_or_build(
+        self, stage: str, spec: dict, build: Callable[[Path], None], open_: Callable[[Path], Any]
+    ) -> tuple[Any, str]:
+        """A stage whose result is a directory written as it goes (a training run's
+        snapshot store). `build(work)` writes into `<stage>/<key>.partial/`, which
+        survives a kill, so a rerun resumes from what `build` left there; the finished
+        directory is renamed into place and returned opened by `open_`."""
+        key = stage_key(stage, spec)
+        final = self.path(stage, key)
+        forced = stage in self.force or "all" in self.force
+        with self.lock(stage, key):
+            done = (final / "meta.json").exists() and not forced
+            self.hits[stage] = done
+            if not done:
+                work = final.with_name(f".{key}.partial")
+                if forced:
+                    shutil.rmtree(work, ignore_errors=True)
+                work.mkdir(parents=True, exist_ok=True)
+                build(work)
+                meta = {
+                    "stage": stage,
+                    "key": key,
+                    "spec": spec,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+                write_atomic(
+                    work / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str))
+                )
+                if final.exists():
+                    stale = final.with_name(f".stale-{key}-{os.getpid()}")
+                    os.replace(final, stale)
+                    shutil.rmtree(stale, ignore_errors=True)
+                os.replace(work, final)
+        return open_(final), key
+
+
+def _fields(result: Any) -> dict[str, Any]:
+    """A dataclass's fields (shallow) or a dict as it is."""
+    if is_dataclass(result):
+        return {f.name: getattr(result, f.name) for f in fields(result)}
+    return result
 
 
 def _write_payload(where: Path, result: dict[str, Any]) -> dict[str, str]:

@@ -23,6 +23,24 @@ import numpy as np
 
 
 @dataclass
+class Decomposition:
+    """The decompose stage's result, per evaluation token: POLCA (n, T, m) in the run's
+    mode and its first-order part, losses (n, T+1) and `<b, ∇L(x;θ_t)>` (n, T+1, m) at
+    every evaluation step (T+1,); in "exact" mode also the exact and the paper's
+    second-order terms (n, T, m). Along LCA's coordinates, `parameters` holds their flat
+    indices (the columns)."""
+
+    polca: np.ndarray
+    first_order: np.ndarray
+    losses: np.ndarray
+    grads: np.ndarray
+    steps: np.ndarray
+    exact_second: np.ndarray | None = None
+    paper_second: np.ndarray | None = None
+    parameters: np.ndarray | None = None
+
+
+@dataclass
 class MethodCurves:
     curves: np.ndarray  # (n, T', m)
     steps: np.ndarray  # (T',)
@@ -32,7 +50,7 @@ class MethodCurves:
 
 @dataclass(frozen=True)
 class Method:
-    curves: Callable[[dict, dict | None], MethodCurves]  # (decomposition, LCA's) -> curves
+    curves: Callable[[Decomposition, Decomposition | None], MethodCurves]  # (decomposition, LCA's)
     per_parameter: bool = False  # needs the decomposition along LCA's parameters
     basis_columns: bool = False  # one column per basis vector (rising vectors are dropped)
 
@@ -41,49 +59,47 @@ def _cumulative(values: np.ndarray) -> np.ndarray:
     return np.cumsum(values, axis=1)
 
 
-def _loss_rises(traj: dict) -> np.ndarray:
-    losses = traj["losses"]
+def _loss_rises(traj: Decomposition) -> np.ndarray:
+    losses = traj.losses
     return (losses[:, -1] > losses[:, 0])[:, None]
 
 
-def _vectors(traj: dict) -> list[str]:
-    return [f"vector_{j}" for j in range(traj["polca"].shape[2])]
+def _vectors(traj: Decomposition) -> list[str]:
+    return [f"vector_{j}" for j in range(traj.polca.shape[2])]
 
 
-def _polca_rises(traj: dict) -> np.ndarray:
-    return _cumulative(traj["polca"])[:, -1] > 0
+def _polca_rises(traj: Decomposition) -> np.ndarray:
+    return _cumulative(traj.polca)[:, -1] > 0
 
 
-def loss(traj: dict, lca: dict | None = None) -> MethodCurves:
-    return MethodCurves(traj["losses"][:, :, None], traj["steps"], _loss_rises(traj), ["loss"])
+def loss(traj: Decomposition, lca: Decomposition | None = None) -> MethodCurves:
+    return MethodCurves(traj.losses[:, :, None], traj.steps, _loss_rises(traj), ["loss"])
 
 
-def loss_change(traj: dict, lca: dict | None = None) -> MethodCurves:
+def loss_change(traj: Decomposition, lca: Decomposition | None = None) -> MethodCurves:
     return MethodCurves(
-        np.diff(traj["losses"], axis=1)[:, :, None], traj["steps"][1:], _loss_rises(traj), ["loss_change"]
+        np.diff(traj.losses, axis=1)[:, :, None], traj.steps[1:], _loss_rises(traj), ["loss_change"]
     )
 
 
-def fisher(traj: dict, lca: dict | None = None) -> MethodCurves:
-    return MethodCurves(traj["grads"] ** 2, traj["steps"], _polca_rises(traj), _vectors(traj))
+def fisher(traj: Decomposition, lca: Decomposition | None = None) -> MethodCurves:
+    return MethodCurves(traj.grads**2, traj.steps, _polca_rises(traj), _vectors(traj))
 
 
-def lca_curves(traj: dict, lca: dict | None = None) -> MethodCurves:
+def lca_curves(traj: Decomposition, lca: Decomposition | None = None) -> MethodCurves:
     if lca is None:
         raise ValueError("method 'lca' needs the per-parameter decomposition")
-    curves = _cumulative(lca["first_order"])
-    return MethodCurves(
-        curves, traj["steps"][1:], curves[:, -1] > 0, [f"param_{i}" for i in lca["parameters"]]
-    )
+    curves = _cumulative(lca.first_order)
+    return MethodCurves(curves, traj.steps[1:], curves[:, -1] > 0, [f"param_{i}" for i in lca.parameters])
 
 
-def polca_first_order(traj: dict, lca: dict | None = None) -> MethodCurves:
-    curves = _cumulative(traj["first_order"])
-    return MethodCurves(curves, traj["steps"][1:], curves[:, -1] > 0, _vectors(traj))
+def polca_first_order(traj: Decomposition, lca: Decomposition | None = None) -> MethodCurves:
+    curves = _cumulative(traj.first_order)
+    return MethodCurves(curves, traj.steps[1:], curves[:, -1] > 0, _vectors(traj))
 
 
-def polca(traj: dict, lca: dict | None = None) -> MethodCurves:
-    return MethodCurves(_cumulative(traj["polca"]), traj["steps"][1:], _polca_rises(traj), _vectors(traj))
+def polca(traj: Decomposition, lca: Decomposition | None = None) -> MethodCurves:
+    return MethodCurves(_cumulative(traj.polca), traj.steps[1:], _polca_rises(traj), _vectors(traj))
 
 
 METHODS: dict[str, Method] = {
@@ -96,14 +112,14 @@ METHODS: dict[str, Method] = {
 }
 
 
-def method_curves(name: str, traj: dict, lca: dict | None = None) -> MethodCurves:
-    """The curves of method `name` from a cached decomposition `traj` (numpy arrays:
-    polca, first_order, losses, grads; steps) and, for "lca", the per-parameter one."""
+def method_curves(name: str, traj: Decomposition, lca: Decomposition | None = None) -> MethodCurves:
+    """The curves of method `name` from a decomposition along the basis `traj` and, for
+    "lca", the one along its coordinates."""
     if name not in METHODS:
         raise ValueError(f"method.name must be one of {list(METHODS)}; got {name!r}")
     return METHODS[name].curves(traj, lca)
 
 
-def rising_vectors(traj: dict) -> np.ndarray:
+def rising_vectors(traj: Decomposition) -> np.ndarray:
     """Indices of basis vectors whose mean projected loss rises over training (dropped)."""
-    return np.flatnonzero(_cumulative(traj["polca"])[:, -1].mean(axis=0) > 0)
+    return np.flatnonzero(_cumulative(traj.polca)[:, -1].mean(axis=0) > 0)

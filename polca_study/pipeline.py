@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import resource
+import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -33,9 +35,9 @@ from polca_study.cluster_labels import (
     text_cluster_table,
 )
 from polca_study.config import Config, ConfigError, validate
-from polca_study.methods import METHODS, method_curves, rising_vectors
+from polca_study.methods import METHODS, Decomposition, method_curves, rising_vectors
 from polca_study.model import ModelConfig, Transformer
-from polca_study.polca import ModuleLoss, build_basis, decompose_trajectory
+from polca_study.polca import Basis, Coordinates, ModuleLoss, build_basis, decompose_trajectory
 from polca_study.score import (
     ami_and_coverage,
     breakthrough_time,
@@ -48,8 +50,9 @@ from polca_study.score import (
     permutation_null,
     top_homogeneity,
 )
+from polca_study.snapshots import parameters_of, snapshot_bytes
 from polca_study.task import Task, make_task
-from polca_study.train import train
+from polca_study.train import TrainRun, train
 
 log = logging.getLogger("polca_study")
 
@@ -97,45 +100,66 @@ def make_model(cfg: Config, task: Task) -> Transformer:
 # ------------------------------------------------------------------------- stages
 
 
-def stage_train(cfg: Config, task: Task, cache: StageCache, device, progress):
-    spec = {
-        "model": asdict(model_config(cfg, task)),
-        "dataset": task.spec,
-        "train": asdict(cfg.train),
-        "seed": cfg.seed,
-    }
+def stage_train(cfg: Config, task: Task, cache: StageCache, device, progress) -> tuple[TrainRun, str]:
+    """Train, streaming snapshots into the cache entry's store; a killed run resumes."""
+    m = model_config(cfg, task)
+    settings = asdict(cfg.train)
+    settings.pop("resume_every")  # when the state is saved does not change the run
+    spec = {"model": asdict(m), "dataset": task.spec, "train": settings, "seed": cfg.seed}
 
-    def compute():
+    def build(work: Path) -> None:
         model = make_model(cfg, task)
+        check_disk(work, model, cfg.train)
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = True
-        result = train(
+        train(
             model,
             task.train_batches(cfg.train.batch_size, cfg.seed),
             cfg.train,
             task.token_loss,
             lambda m: task.evaluate(m, task.eval_split),
+            work,
             device=device,
             progress=progress,
+            model_info={"class": f"{Transformer.__module__}.{Transformer.__name__}", "config": asdict(m)},
         )
-        return {
-            "steps": result.steps,
-            "snapshots": result.snapshots,
-            "history": result.history,
-            "train_loss": result.train_loss,
-            "seconds": result.seconds,
-        }
 
-    return cache.get_or_compute("train", spec, compute)
+    return cache.get_or_build("train", spec, build, TrainRun.load)
 
 
-def snapshots_at(trained: dict, every: int, steps: int) -> tuple[np.ndarray, list[torch.Tensor]]:
-    wanted = np.arange(0, steps + 1, every)
-    index = {int(s): i for i, s in enumerate(trained["steps"])}
-    return wanted, [trained["snapshots"][index[int(s)]] for s in wanted]
+def check_disk(where: Path, model: torch.nn.Module, train_cfg) -> None:
+    """Log the snapshot store's size and fail before training when it cannot fit."""
+    snapshots = train_cfg.steps // train_cfg.checkpoint_every + 1
+    per = snapshot_bytes(parameters_of(model, torch.float32))
+    need = snapshots * per + 4 * per  # and the saved training state (model, optimizer, RNG)
+    free = shutil.disk_usage(where).free
+    log.info(
+        "the snapshot store will hold %d snapshots of %.1f MB: %.2f GB (%.1f GB free in %s)",
+        snapshots,
+        per / 1e6,
+        need / 1e9,
+        free / 1e9,
+        where.parent,
+    )
+    if need > free:
+        raise ConfigError(
+            f"the cache at {where.parent} has {free / 1e9:.1f} GB free, but training writes "
+            f"{snapshots} snapshots of {per / 1e6:.1f} MB ({need / 1e9:.1f} GB); free space, "
+            f"point cache_dir elsewhere, or raise train.checkpoint_every (now {train_cfg.checkpoint_every})"
+        )
 
 
-def stage_basis(cfg: Config, task: Task, trained: dict, train_key: str, cache: StageCache, device, progress):
+def snapshots_at(trained: TrainRun, every: int, last: int, device, order: np.ndarray | None = None):
+    """The steps 0, every, ... ≤ last (in `order` if given) and their snapshots, read lazily."""
+    steps = np.arange(0, last + 1, every)
+    if order is not None:
+        steps = steps[order]
+    return steps, trained.store.sequence(steps, device=device)
+
+
+def stage_basis(
+    cfg: Config, task: Task, trained: TrainRun, train_key: str, cache: StageCache, device, progress
+):
     b = cfg.basis
     spec = {
         "train": train_key,
@@ -147,59 +171,50 @@ def stage_basis(cfg: Config, task: Task, trained: dict, train_key: str, cache: S
         "seed": b.seed,
     }
 
-    def compute():
-        steps, thetas = snapshots_at(trained, b.interval, cfg.train.steps - 1)
-        d = thetas[0].numel()
-        m = len(thetas) * b.k
+    def compute() -> Basis:
+        steps = np.arange(0, cfg.train.steps, b.interval)
+        d, m = trained.store.numel, len(steps) * b.k
         if b.kind == "random":
             g = torch.Generator().manual_seed(b.seed)
             vectors, _ = torch.linalg.qr(torch.randn(d, m, generator=g))
-            return {
-                "vectors": vectors,
-                "eigenvalues": torch.full((m,), float("nan")),
-                "residuals": torch.full((m,), float("nan")),
-                "hvps": 0,
-                "checkpoint_steps": np.repeat(steps, b.k),
-            }
-        order = np.arange(len(thetas))
+            nan = torch.full((m,), float("nan"))
+            return Basis(vectors, nan, nan, 0, torch.arange(len(steps)).repeat_interleave(b.k))
+        order = None
         if b.kind == "shuffled":
-            order = np.random.default_rng(b.seed).permutation(len(thetas))
+            order = np.random.default_rng(b.seed).permutation(len(steps))
+        _, thetas = snapshots_at(trained, b.interval, cfg.train.steps - 1, device, order)
         model = make_model(cfg, task).to(device)
         batch = {k: v.to(device) for k, v in task.hessian_split().batch().items()}
         loss = ModuleLoss(model, batch, task.token_loss)
         basis = build_basis(
             lambda th: loss(th).sum(),
-            [thetas[i].to(device) for i in order],
+            thetas,
             b.k,
             tol=b.tol,
             maxiter=b.maxiter,
             seed=b.seed,
             progress=progress,
         )
-        return {
-            "vectors": basis.vectors.cpu(),
-            "eigenvalues": basis.eigenvalues.cpu(),
-            "residuals": basis.residuals.cpu(),
-            "hvps": basis.hvps,
-            "checkpoint_steps": np.repeat(steps[order], b.k),
-        }
+        index = basis.checkpoint_index if order is None else torch.as_tensor(order)[basis.checkpoint_index]
+        return Basis(basis.vectors.cpu(), basis.eigenvalues.cpu(), basis.residuals.cpu(), basis.hvps, index)
 
-    return cache.get_or_compute("basis", spec, compute)
+    return cache.get_or_compute("basis", spec, compute, Basis)
 
 
 def stage_decompose(
     cfg: Config,
     task: Task,
-    trained: dict,
-    vectors: torch.Tensor,
+    trained: TrainRun,
+    directions: Callable[[], torch.Tensor | Coordinates],
     parent_key: str,
     name: str,
     second_order: str,
     cache: StageCache,
     device,
     progress,
-):
-    """POLCA of every evaluation token along `vectors` between evaluation points."""
+) -> tuple[Decomposition, str]:
+    """POLCA of every evaluation token along `directions()` between evaluation points,
+    reading the snapshots one at a time (a cache hit needs neither)."""
     spec = {
         "parent": parent_key,
         "interval": cfg.polca.interval,
@@ -207,34 +222,37 @@ def stage_decompose(
         "route": cfg.polca.route,
     }
 
-    def compute():
-        steps, thetas = snapshots_at(trained, cfg.polca.interval, cfg.train.steps)
+    def compute() -> Decomposition:
+        vectors = directions()
+        steps, thetas = snapshots_at(trained, cfg.polca.interval, cfg.train.steps, device)
         model = make_model(cfg, task).to(device)
         batch = {k: v.to(device) for k, v in task.eval_split.batch().items()}
         loss = ModuleLoss(model, batch, task.token_loss)
         traj = decompose_trajectory(
             loss,
-            [t.to(device) for t in thetas],
-            vectors.to(device),
+            thetas,
+            vectors if isinstance(vectors, Coordinates) else vectors.to(device),
             second_order,
             route=cfg.polca.route,
             progress=progress,
         )
         out = {k: (v.cpu().numpy() if v is not None else None) for k, v in vars(traj).items()}
-        return {**out, "steps": steps}
+        parameters = vectors.indices.numpy() if isinstance(vectors, Coordinates) else None
+        return Decomposition(**out, steps=steps, parameters=parameters)
 
-    return cache.get_or_compute(name, spec, compute)
+    return cache.get_or_compute(name, spec, compute, Decomposition)
 
 
-def lca_parameters(trained: dict, count: int = 50) -> np.ndarray:
+def lca_coordinates(trained: TrainRun, count: int = 50) -> Coordinates:
     """LCA's parameters: the `count` largest in magnitude at the end of training."""
-    return np.argsort(-trained["snapshots"][-1].abs().numpy())[:count]
+    final = trained.store.flat(int(trained.steps[-1]))
+    return Coordinates(torch.argsort(-final.abs(), stable=True)[:count], final.numel(), final.dtype)
 
 
 # ---------------------------------------------------------------------- analysis
 
 
-def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
+def analyse(cfg: Config, task: Task, method: str, traj: Decomposition, lca: Decomposition | None):
     """Cluster one method's curves and score them. Returns (metrics, tables, curves):
     tables holds "clusters" (one row per cluster), and for text "contexts"."""
     labels = task.eval_split.labels
@@ -251,10 +269,8 @@ def analyse(cfg: Config, task: Task, method: str, traj: dict, lca: dict | None):
     s = cfg.score
     table, metrics, tables = SCORERS[task.name](cfg, assign, kept, labels, curves.curves.shape[2])
     # hidden: later than the aggregate loss's own breakthrough by a margin
-    aggregate = traj["losses"].mean(axis=0)
-    aggregate_step = breakthrough_time(
-        aggregate, traj["steps"], delta_points(traj["steps"], s.breakthrough_delta)
-    )
+    aggregate = traj.losses.mean(axis=0)
+    aggregate_step = breakthrough_time(aggregate, traj.steps, delta_points(traj.steps, s.breakthrough_delta))
     breakthroughs = cluster_breakthroughs(
         assign, kept, curves.steps, s.breakthrough_delta, aggregate_step + s.hidden_margin
     )
@@ -359,11 +375,11 @@ def score_text(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.D
 SCORERS = {"arithmetic": score_arithmetic, "text": score_text}
 
 
-def approximation_error(traj: dict) -> dict[str, float]:
+def approximation_error(traj: Decomposition) -> dict[str, float]:
     """RMSE and relative error of the paper's second-order term against the exact one."""
-    if traj.get("exact_second") is None or traj.get("paper_second") is None:
+    if traj.exact_second is None or traj.paper_second is None:
         return {}
-    exact, paper = traj["exact_second"], traj["paper_second"]
+    exact, paper = traj.exact_second, traj.paper_second
     rmse = float(np.sqrt(np.mean((paper - exact) ** 2)))
     scale = float(np.sqrt(np.mean(exact**2)))
     return {
@@ -372,18 +388,18 @@ def approximation_error(traj: dict) -> dict[str, float]:
     }
 
 
-def trajectories_frame(traj: dict, labels: pd.DataFrame, first: str = "polca") -> pd.DataFrame:
+def trajectories_frame(traj: Decomposition, labels: pd.DataFrame) -> pd.DataFrame:
     """Long table: one row per (token, evaluation interval) with labels, loss, loss
     change and POLCA per basis vector."""
-    n, T, m = traj[first].shape
-    steps = traj["steps"]
+    n, T, m = traj.polca.shape
+    steps = traj.steps
     # contexts stay in contexts.csv; a text token's string is "token_text"
     labels = labels.drop(columns=["context"], errors="ignore").rename(columns={"token": "token_text"})
     frame = labels.loc[np.repeat(np.arange(n), T)].reset_index(names="token")
     frame["step"] = np.tile(steps[1:], n)
-    frame["loss"] = traj["losses"][:, 1:].reshape(-1)
-    frame["loss_change"] = np.diff(traj["losses"], axis=1).reshape(-1)
-    polca = traj[first].reshape(n * T, m)
+    frame["loss"] = traj.losses[:, 1:].reshape(-1)
+    frame["loss_change"] = np.diff(traj.losses, axis=1).reshape(-1)
+    polca = traj.polca.reshape(n * T, m)
     return pd.concat([frame, pd.DataFrame(polca, columns=[f"polca_{j}" for j in range(m)])], axis=1)
 
 
@@ -428,7 +444,7 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
     labels = task.eval_split.labels
     with stage("train", timings, memory):
         trained, train_key = stage_train(cfg, task, cache, device, progress)
-    _log_history(tracker, trained["history"], trained.get("train_loss"))
+    _log_history(tracker, trained.history, trained.train_loss)
     with stage("basis", timings, memory):
         basis, basis_key = stage_basis(cfg, task, trained, train_key, cache, device, progress)
     with stage("decompose", timings, memory):
@@ -436,7 +452,7 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
             cfg,
             task,
             trained,
-            basis["vectors"],
+            lambda: basis.vectors,
             basis_key,
             "decompose",
             cfg.polca.second_order,
@@ -446,27 +462,30 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
         )
         lca = None
         if METHODS[cfg.method.name].per_parameter:
-            params = lca_parameters(trained)
-            unit = torch.zeros(trained["snapshots"].shape[1], len(params))
-            unit[params, torch.arange(len(params))] = 1.0
             lca, _ = stage_decompose(
-                cfg, task, trained, unit, f"{train_key}/lca", "trajectories", "none", cache, device, progress
+                cfg,
+                task,
+                trained,
+                lambda: lca_coordinates(trained),
+                f"{train_key}/lca",
+                "trajectories",
+                "none",
+                cache,
+                device,
+                progress,
             )
-            lca = {**lca, "parameters": params}
     with stage("cluster+score", timings, memory):
         metrics, tables, assign, curves = analyse(cfg, task, cfg.method.name, traj, lca)
     table = tables["clusters"]
     metrics.update(approximation_error(traj))
-    final_acc = trained["history"][trained["history"].step == trained["history"].step.max()]
+    final_acc = trained.history[trained.history.step == trained.history.step.max()]
     metrics.update(
         {
             "final_accuracy": float(np.average(final_acc.accuracy, weights=final_acc.tokens)),
-            "basis_residual_max": float(np.nanmax(basis["residuals"].numpy()))
-            if basis["hvps"]
-            else float("nan"),
-            "basis_hvps": int(basis["hvps"]),
+            "basis_residual_max": float(np.nanmax(basis.residuals.numpy())) if basis.hvps else float("nan"),
+            "basis_hvps": int(basis.hvps),
             "cache_hits": dict(cache.hits),
-            "seconds": {**timings, "train_compute": float(trained["seconds"])},
+            "seconds": {**timings, "train_compute": float(trained.seconds)},
             "peak_memory_mb": peak_memory_mb(),
             "peak_memory_mb_after": memory,
         }
@@ -489,7 +508,7 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
             write_atomic(run_dir / "clusters.md", lambda p: p.write_text(markdown))
             tracker.table("cluster_contexts", report.contexts_table(table, contexts))
         figures = (
-            report.figures(run_dir, task.name, trained["history"], curves, assign, labels, table)
+            report.figures(run_dir, task.name, trained.history, curves, assign, labels, table)
             if cfg.figures
             else {}
         )

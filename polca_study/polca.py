@@ -49,7 +49,14 @@ def _check_vector(name: str, x: Tensor, like: Tensor | None = None) -> None:
         )
 
 
-def _check_vectors(vectors: Tensor, theta: Tensor) -> None:
+def _check_vectors(vectors: Tensor | Coordinates, theta: Tensor) -> None:
+    if isinstance(vectors, Coordinates):
+        if vectors.d != theta.shape[0] or vectors.dtype != theta.dtype:
+            raise ValueError(
+                f"coordinates for d={vectors.d} ({vectors.dtype}) do not fit parameters of "
+                f"d={theta.shape[0]} ({theta.dtype})"
+            )
+        return
     if not isinstance(vectors, Tensor) or vectors.ndim != 2:
         raise ValueError(f"vectors must be a (d, m) matrix, got {_describe(vectors)}")
     if vectors.shape[0] != theta.shape[0]:
@@ -82,6 +89,44 @@ def _describe(x: object) -> str:
 
 
 # ------------------------------------------------------------------------------ basis
+
+
+@dataclass(frozen=True)
+class Coordinates:
+    """The unit vectors e_j of the parameters at flat `indices`, used as the (d, m) matrix
+    of directions without forming it: LCA's per-parameter directions at 40M parameters
+    would take 8 GB as a dense matrix. Directional derivatives along them are gradient
+    entries, gathered where a route can."""
+
+    indices: Tensor  # (m,) long, positions in the flat parameter vector
+    d: int
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.d, len(self.indices))
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def dense(self, start: int = 0, stop: int | None = None, device=None) -> Tensor:
+        """Columns start:stop as a dense (d, c) matrix."""
+        idx = self.indices[start:stop]
+        out = torch.zeros(self.d, len(idx), dtype=self.dtype, device=device)
+        out[idx.to(out.device), torch.arange(len(idx), device=out.device)] = 1
+        return out
+
+
+def project(vectors: Tensor | Coordinates, x: Tensor) -> Tensor:
+    """`vectorsᵀ x` (m,)."""
+    if isinstance(vectors, Coordinates):
+        return x[vectors.indices.to(x.device)]
+    return vectors.T @ x
+
+
+def _column(vectors: Tensor | Coordinates, j: int) -> Tensor:
+    return vectors.dense(j, j + 1).reshape(-1) if isinstance(vectors, Coordinates) else vectors[:, j]
 
 
 @dataclass
@@ -144,9 +189,8 @@ def build_basis(
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if len(checkpoints) == 0:
         raise ValueError("checkpoints must hold at least one parameter vector")
-    first = checkpoints[0]
-    for i, theta in enumerate(checkpoints):
-        _check_vector(f"checkpoints[{i}]", theta, like=first)
+    first = checkpoints[0]  # checkpoints may be read lazily: each is checked as it comes
+    _check_vector("checkpoints[0]", first)
     d = first.shape[0]
     if len(checkpoints) * k >= d:
         raise ValueError(
@@ -163,6 +207,7 @@ def build_basis(
         return x - found @ (found.T @ x) if found.shape[1] else x
 
     for index, theta in enumerate(tqdm(checkpoints, desc="basis", disable=not progress)):
+        _check_vector(f"checkpoints[{index}]", theta, like=first)
         hvp = hessian_vector_product(loss_fn, theta)
 
         def matvec(x: np.ndarray, hvp=hvp) -> np.ndarray:
@@ -216,9 +261,12 @@ def build_basis(
 # ------------------------------------------------------------- directional derivatives
 
 
-def _chunks(vectors: Tensor, size: int):
+def _chunks(vectors: Tensor | Coordinates, size: int, device=None):
     for start in range(0, vectors.shape[1], size):
-        yield vectors[:, start : start + size].T.contiguous()  # (c, d)
+        if isinstance(vectors, Coordinates):
+            yield vectors.dense(start, start + size, device).T.contiguous()
+        else:
+            yield vectors[:, start : start + size].T.contiguous()  # (c, d)
 
 
 def forward_directional(
@@ -234,7 +282,7 @@ def forward_directional(
         return torch.func.jvp(loss_fn, (theta,), (v,))
 
     losses, parts = None, []
-    for chunk in _chunks(vectors, chunk_size):
+    for chunk in _chunks(vectors, chunk_size, theta.device):
         out, tangent = torch.func.vmap(along)(chunk)  # (c, n) each
         losses = out[0] if losses is None else losses
         parts.append(tangent.T)
@@ -255,7 +303,7 @@ def reverse_directional(
     n = losses.shape[0]
     eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
     rows = [torch.func.vmap(vjp)(eye[i : i + chunk_size])[0] for i in range(0, n, chunk_size)]
-    return losses.detach(), (torch.cat(rows) @ vectors).detach()
+    return losses.detach(), project(vectors, torch.cat(rows).T).T.detach()
 
 
 def second_order_directional(
@@ -276,7 +324,7 @@ def second_order_directional(
         return torch.func.jvp(derivative, (theta,), (v,), has_aux=True)
 
     losses, firsts, seconds = None, [], []
-    for chunk in _chunks(vectors, chunk_size):
+    for chunk in _chunks(vectors, chunk_size, theta.device):
         first, second, out = torch.func.vmap(along)(chunk)
         losses = out[0] if losses is None else losses
         firsts.append(first.T)
@@ -291,7 +339,8 @@ def second_order_directional(
 def aggregate_curvature(loss_fn: LossFn, theta: Tensor, vectors: Tensor) -> Tensor:
     """`λ(X, b) = bᵀH(X)b` of the summed loss for every column b (m,), by double backward."""
     hvp = hessian_vector_product(lambda t: loss_fn(t).sum(), theta)
-    return torch.stack([vectors[:, j] @ hvp(vectors[:, j]) for j in range(vectors.shape[1])])
+    columns = (_column(vectors, j).to(theta.device) for j in range(vectors.shape[1]))
+    return torch.stack([v @ hvp(v) for v in columns])
 
 
 def first_order(
@@ -365,7 +414,7 @@ def decompose(
     _check_vector("theta_t", theta_t)
     _check_vector("theta_next", theta_next, like=theta_t)
     _check_vectors(vectors, theta_t)
-    step = vectors.T @ (theta_next - theta_t)  # (m,)
+    step = project(vectors, theta_next - theta_t)  # (m,)
     now = _terms(per_example_loss_fn, theta_t, vectors, second_order == "exact", route)
     nxt = aggregate = None
     if second_order in ("paper", "path"):
@@ -406,7 +455,7 @@ def _paper_second(now: StepTerms, nxt: StepTerms, step: Tensor, aggregate: Tenso
 def decompose_trajectory(
     per_example_loss_fn: LossFn,
     checkpoints: Sequence[Tensor],
-    vectors: Tensor,
+    vectors: Tensor | Coordinates,
     second_order: str = "exact",
     *,
     route: str = "auto",
@@ -415,26 +464,30 @@ def decompose_trajectory(
     """Decompose every step between consecutive `checkpoints` (T+1 vectors, T steps).
 
     Directional derivatives at θ_{t+1} are computed once and reused as θ_t's for the
-    next step, so "path" and "paper" cost no more passes than first order.
+    next step, so "path" and "paper" cost no more passes than first order. Checkpoints
+    are taken one at a time and at most two are held: a lazy sequence (a snapshot
+    store's) is read from disk as the walk goes.
     """
     _check_mode(second_order)
     _check_route(route)
     if len(checkpoints) < 2:
         raise ValueError("checkpoints must hold at least two parameter vectors (one step)")
-    for i, theta in enumerate(checkpoints):
-        _check_vector(f"checkpoints[{i}]", theta, like=checkpoints[0])
-    _check_vectors(vectors, checkpoints[0])
     exact = second_order == "exact"
-    terms = [_terms(per_example_loss_fn, checkpoints[0], vectors, exact, route)]
+    walk = iter(checkpoints)
+    theta = next(walk)
+    _check_vector("checkpoints[0]", theta)
+    _check_vectors(vectors, theta)
+    now = _terms(per_example_loss_fn, theta, vectors, exact, route)
+    losses, grads = [now.losses], [now.grads]
     polca, first, exact_second, paper_second = [], [], [], []
-    for t in tqdm(range(len(checkpoints) - 1), desc="decompose", disable=not progress):
-        now = terms[-1]
-        nxt = _terms(per_example_loss_fn, checkpoints[t + 1], vectors, exact, route)
-        terms.append(nxt)
-        step = vectors.T @ (checkpoints[t + 1] - checkpoints[t])  # (m,)
+    bar = tqdm(total=len(checkpoints) - 1, desc="decompose", disable=not progress)
+    for t, theta_next in enumerate(walk):
+        _check_vector(f"checkpoints[{t + 1}]", theta_next, like=theta)
+        nxt = _terms(per_example_loss_fn, theta_next, vectors, exact, route)
+        step = project(vectors, theta_next - theta)  # (m,)
         first.append(now.grads * step)
         if second_order == "paper":
-            aggregate = aggregate_curvature(per_example_loss_fn, checkpoints[t], vectors)
+            aggregate = aggregate_curvature(per_example_loss_fn, theta, vectors)
             polca.append(first[-1] + _paper_second(now, nxt, step, aggregate))
         elif second_order == "path":
             polca.append(0.5 * (now.grads + nxt.grads) * step)
@@ -444,12 +497,17 @@ def decompose_trajectory(
             polca.append(first[-1] + exact_second[-1])
         else:
             polca.append(first[-1])
+        losses.append(nxt.losses)
+        grads.append(nxt.grads)
+        theta, now = theta_next, nxt
+        bar.update()
+    bar.close()
     stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731
     return Trajectory(
         polca=stack(polca),
         first_order=stack(first),
-        losses=torch.stack([x.losses for x in terms], dim=1),
-        grads=torch.stack([x.grads for x in terms], dim=1),
+        losses=torch.stack(losses, dim=1),
+        grads=torch.stack(grads, dim=1),
         exact_second=stack(exact_second),
         paper_second=stack(paper_second),
     )
@@ -564,11 +622,26 @@ class ModuleLoss:
         ]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _reverse(self, theta: Tensor, vectors: Tensor, batch) -> tuple[Tensor, Tensor]:
-        basis = {
-            n: b.reshape(*s, -1)
-            for n, b, s in zip(self.names, vectors.split(self.sizes), self.shapes, strict=True)
-        }
+    def _per_parameter(
+        self, vectors: Tensor | Coordinates, device
+    ) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Each parameter's part of the directions: (its (*shape, m) slice, None) for a
+        dense matrix; (its local flat indices, their columns) for coordinates."""
+        if not isinstance(vectors, Coordinates):
+            return {
+                n: (b.reshape(*s, -1), None)
+                for n, b, s in zip(self.names, vectors.split(self.sizes), self.shapes, strict=True)
+            }
+        out, offset = {}, 0
+        indices = vectors.indices.to(device)
+        for n, size in zip(self.names, self.sizes, strict=True):
+            mine = (indices >= offset) & (indices < offset + size)
+            out[n] = (indices[mine] - offset, torch.nonzero(mine).reshape(-1))
+            offset += size
+        return out
+
+    def _reverse(self, theta: Tensor, vectors: Tensor | Coordinates, batch) -> tuple[Tensor, Tensor]:
+        basis = self._per_parameter(vectors, theta.device)
         params = {n: p.requires_grad_(True) for n, p in self.unflatten(theta.clone()).items()}
         records: list[tuple[nn.Module, str, tuple, Tensor]] = []
         prefix = {mod: name for name, mod in self.module.named_modules()}
@@ -588,7 +661,7 @@ class ModuleLoss:
                 h.remove()
         token_losses = self.token_loss(output, batch)  # (S, P)
         S, P = token_losses.shape
-        derivs = torch.zeros(S, P, vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
+        derivs = torch.zeros(S, P, vectors.shape[1], dtype=vectors.dtype, device=theta.device)
         outs = [r[3] for r in records]
         for p in range(P):
             grads = torch.autograd.grad(
@@ -601,7 +674,10 @@ class ModuleLoss:
                     local = {
                         n: basis[f"{name}.{n}" if name else n] for n, _ in mod.named_parameters(recurse=False)
                     }
-                    derivs[:, p] += _projector(mod)(inputs, g, local)
+                    if isinstance(vectors, Coordinates):
+                        _add_coordinates(derivs[:, p], mod, inputs, g, local, vectors.dtype)
+                    else:
+                        derivs[:, p] += _projector(mod)(inputs, g, {n: b for n, (b, _) in local.items()})
         records.clear()
         return token_losses.detach().reshape(-1), derivs.reshape(S * P, -1)
 
@@ -652,6 +728,42 @@ def _embedding_projection(inputs: tuple, output_grad: Tensor, basis: dict[str, T
     delta = output_grad.reshape(S, ids.shape[1], -1)
     rows = basis["weight"][ids]  # (S, T, D, m)
     return torch.einsum("std,stdm->sm", delta, rows)
+
+
+def _add_coordinates(out: Tensor, mod: nn.Module, inputs: tuple, g: Tensor, local: dict, dtype) -> None:
+    """Add per-sequence gradient entries at coordinates to `out` (S, m): gathered from
+    activations and output gradients for linear and embedding layers, by the module's
+    own projection on its (small) dense slice otherwise."""
+    S = g.shape[0]
+    if isinstance(mod, nn.Linear):
+        a = inputs[0].reshape(S, -1, inputs[0].shape[-1])
+        delta = g.reshape(S, -1, g.shape[-1])
+        rows, columns = local["weight"]
+        if len(columns):
+            o, i = rows // mod.in_features, rows % mod.in_features
+            out[:, columns] += (delta[:, :, o] * a[:, :, i]).sum(1)
+        if "bias" in local and len(local["bias"][1]):
+            rows, columns = local["bias"]
+            out[:, columns] += delta[:, :, rows].sum(1)
+        return
+    if isinstance(mod, nn.Embedding):
+        ids = inputs[0].reshape(S, -1)
+        delta = g.reshape(S, ids.shape[1], -1)
+        rows, columns = local["weight"]
+        if len(columns):
+            v, c = rows // mod.embedding_dim, rows % mod.embedding_dim
+            out[:, columns] += ((ids[:, :, None] == v) * delta[:, :, c]).sum(1)
+        return
+    columns = torch.cat([cols for _, cols in local.values()]).unique()
+    if not len(columns):
+        return
+    dense = {}
+    for n, (rows, cols) in local.items():
+        param = getattr(mod, n)
+        slice_ = torch.zeros(param.numel(), len(columns), dtype=dtype, device=g.device)
+        slice_[rows, torch.searchsorted(columns, cols)] = 1
+        dense[n] = slice_.reshape(*param.shape, len(columns))
+    out[:, columns] += _projector(mod)(inputs, g, dense)
 
 
 def _projector(mod: nn.Module):

@@ -1,24 +1,36 @@
-"""Training: AdamW with linear warm-up, seeded and deterministic, with parameter snapshots.
+"""Training: AdamW with linear warm-up, seeded and deterministic, snapshots streamed to disk.
 
-Snapshots of the flat parameter vector are kept every `checkpoint_every` steps (step 0
-included); the basis and the decomposition read them, so their intervals must be
-multiples of it. Evaluation losses and per-place accuracy are recorded at each snapshot.
+Every `checkpoint_every` steps (step 0 included) the parameters go to a snapshot store
+(`snapshots.py`) as they are taken, and the evaluation losses and per-place accuracy are
+recorded; the basis and the decomposition read the snapshots back one at a time, so
+their intervals must be multiples of `checkpoint_every`.
+
+Every `resume_every` snapshots the whole training state is saved beside the store
+(model, optimizer, scheduler, RNG, the records so far). A killed run started again in
+the same directory continues from the last save: the data stream, a seeded generator,
+is replayed to that step, and on CPU the snapshots are bit-identical to those of an
+uninterrupted run. Nothing is unpickled: tensors in safetensors, the rest in JSON.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from polca_study.model import Transformer
-from polca_study.polca import flatten_parameters
+from polca_study.cache import write_atomic
+from polca_study.snapshots import SnapshotStore, SnapshotWriter
 
 
 @dataclass
@@ -32,18 +44,38 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warm-up from 0, then constant
     grad_clip: float | None = 1.0
     checkpoint_every: int = 25  # snapshot spacing; basis/polca intervals are multiples
+    resume_every: int = 10  # snapshots between saves of the training state (0: never)
 
 
 @dataclass
-class TrainResult:
-    steps: np.ndarray  # (C,) snapshot steps
-    snapshots: Tensor  # (C, d) flat parameters, float32
-    history: pd.DataFrame  # evaluation: step, place, carry, loss, accuracy, tokens
+class TrainRun:
+    """A finished training run: its snapshot store and records, read lazily."""
+
+    store: SnapshotStore
+    history: pd.DataFrame  # evaluation: step, place/tag, carry, loss, accuracy, tokens
     train_loss: pd.DataFrame  # step, mean training loss over the preceding snapshot interval
-    seconds: float
+    seconds: float  # training time (of the last session, when resumed)
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self.store.steps
+
+    def save(self, directory: Path) -> None:
+        write_atomic(directory / "history.parquet", lambda p: self.history.to_parquet(p, index=False))
+        write_atomic(directory / "train_loss.parquet", lambda p: self.train_loss.to_parquet(p, index=False))
+        write_atomic(directory / "run.json", lambda p: p.write_text(json.dumps({"seconds": self.seconds})))
+
+    @classmethod
+    def load(cls, directory: Path) -> TrainRun:
+        return cls(
+            SnapshotStore(directory / "snapshots"),
+            pd.read_parquet(directory / "history.parquet"),
+            pd.read_parquet(directory / "train_loss.parquet"),
+            json.loads((directory / "run.json").read_text())["seconds"],
+        )
 
 
-def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW(
@@ -54,23 +86,31 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimize
 
 
 def train(
-    model: Transformer,
+    model: nn.Module,
     batches,
     cfg: TrainConfig,
     token_loss: Callable[[Tensor, dict], Tensor],
-    evaluate: Callable[[Transformer], dict[str, list]],
+    evaluate: Callable[[nn.Module], dict[str, list]],
+    directory: str | os.PathLike,
     *,
     device: torch.device,
     progress: bool = True,
+    model_info: dict | None = None,
     on_eval: Callable[[int, dict], None] | None = None,
-) -> TrainResult:
-    """Train `model` on `batches` (an iterator of (inputs, targets)) for `cfg.steps` steps."""
+) -> TrainRun:
+    """Train `model` on `batches` (an iterator of (inputs, targets)) for `cfg.steps` steps,
+    writing `directory`/snapshots (the store) and, when it already holds a saved state,
+    continuing from it."""
+    directory = Path(directory)
     model.to(device)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     )
-    steps, snaps, rows, train_rows, running = [], [], [], [], []
+    store = SnapshotWriter.for_module(directory / "snapshots", model, model_info)
+    rows: list[pd.DataFrame] = []
+    train_rows: list[dict] = []
+    running: list[float] = []
     start = time.perf_counter()
 
     def snapshot(step: int) -> None:
@@ -78,15 +118,23 @@ def train(
         with torch.no_grad():
             record = evaluate(model)
         model.train()
-        steps.append(step)
-        snaps.append(flatten_parameters(model).float().cpu())
-        frame = pd.DataFrame(record).assign(step=step)
-        rows.append(frame)
+        store.write(step, model)
+        rows.append(pd.DataFrame(record).assign(step=step))
         if on_eval:
             on_eval(step, record)
 
-    snapshot(0)
-    bar = tqdm(range(1, cfg.steps + 1), desc="train", disable=not progress)
+    first = _restore(directory / "resume", model, opt, sched)
+    if first is None:
+        store.keep_until(-1)
+        snapshot(0)
+        first = 0
+    else:
+        history, train_loss = first[1], first[2]
+        rows, train_rows, first = [history], train_loss.to_dict("records"), first[0]
+        store.keep_until(first)
+        for _ in range(first):  # replay the seeded stream to where the saved run was
+            next(batches)
+    bar = tqdm(range(first + 1, cfg.steps + 1), desc="train", disable=not progress, initial=first)
     for step in bar:
         inputs, targets = next(batches)
         inputs, targets = inputs.to(device), targets.to(device)
@@ -103,10 +151,73 @@ def train(
             train_rows.append({"step": step, "loss": float(np.mean(running))})
             bar.set_postfix(loss=f"{train_rows[-1]['loss']:.3f}")
             running = []
-    return TrainResult(
-        steps=np.asarray(steps),
-        snapshots=torch.stack(snaps),
-        history=pd.concat(rows, ignore_index=True),
-        train_loss=pd.DataFrame(train_rows, columns=["step", "loss"]),
-        seconds=time.perf_counter() - start,
+            count = step // cfg.checkpoint_every
+            if cfg.resume_every and count % cfg.resume_every == 0 and step < cfg.steps:
+                _save_state(directory / "resume", step, model, opt, sched, rows, train_rows)
+    run = TrainRun(
+        SnapshotStore(directory / "snapshots"),
+        pd.concat(rows, ignore_index=True),
+        pd.DataFrame(train_rows, columns=["step", "loss"]),
+        time.perf_counter() - start,
     )
+    run.save(directory)
+    shutil.rmtree(directory / "resume", ignore_errors=True)  # the finished run needs none
+    return run
+
+
+# ------------------------------------------------------------------ training state
+
+
+def _save_state(where: Path, step: int, model, opt, sched, rows, train_rows) -> None:
+    """The state at `step`, written to a new directory and then pointed to (atomic)."""
+    target = where / f"step-{step:08d}"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    optimizer = opt.state_dict()
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    plain_state = {}
+    for index, state in optimizer["state"].items():
+        for name, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain_state[f"{index}.{name}"] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, target / "tensors.safetensors")
+    pd.concat(rows, ignore_index=True).to_parquet(target / "history.parquet", index=False)
+    values = {
+        "step": step,
+        "param_groups": optimizer["param_groups"],
+        "optimizer_values": plain_state,
+        "scheduler": sched.state_dict(),
+        "train_loss": train_rows,
+    }
+    (target / "state.json").write_text(json.dumps(values))
+    write_atomic(where / "latest.json", lambda p: p.write_text(json.dumps({"directory": target.name})))
+    for old in where.glob("step-*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore(where: Path, model, opt, sched) -> tuple[int, pd.DataFrame, pd.DataFrame] | None:
+    """Load the last saved state into model, optimizer and scheduler; None if there is none."""
+    pointer = where / "latest.json"
+    if not pointer.exists():
+        return None
+    target = where / json.loads(pointer.read_text())["directory"]
+    values = json.loads((target / "state.json").read_text())
+    tensors = load_file(target / "tensors.safetensors")
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in values["optimizer_values"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": values["param_groups"]})
+    sched.load_state_dict(values["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    history = pd.read_parquet(target / "history.parquet")
+    return values["step"], history, pd.DataFrame(values["train_loss"], columns=["step", "loss"])

@@ -1,11 +1,13 @@
 """Each method clusters the trajectory the paper defines, under its own settings."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from polca_study.cluster import features
 from polca_study.config import validate
-from polca_study.methods import METHODS, method_curves, rising_vectors
+from polca_study.methods import METHODS, Decomposition, method_curves, rising_vectors
 from tests.conftest import compose_config
 
 
@@ -13,27 +15,25 @@ from tests.conftest import compose_config
 def traj():
     rng = np.random.default_rng(0)
     n, T, m = 30, 9, 3  # tokens, evaluation points, basis vectors
-    return {
-        "steps": np.arange(T) * 25,
-        "losses": np.exp(-np.linspace(0, 2, T))[None] + rng.normal(0, 0.05, (n, T)),
-        "grads": rng.normal(size=(n, T, m)),
-        "first_order": rng.normal(-0.1, 0.1, (n, T - 1, m)),
-        "polca": rng.normal(-0.1, 0.1, (n, T - 1, m)),
-    }
+    return Decomposition(
+        steps=np.arange(T) * 25,
+        losses=np.exp(-np.linspace(0, 2, T))[None] + rng.normal(0, 0.05, (n, T)),
+        grads=rng.normal(size=(n, T, m)),
+        first_order=rng.normal(-0.1, 0.1, (n, T - 1, m)),
+        polca=rng.normal(-0.1, 0.1, (n, T - 1, m)),
+    )
 
 
 def expected(name, traj, lca):
     """The paper's trajectories, written out apart from the code under test."""
-    L, n = traj["losses"], len(traj["losses"])
+    L, n = traj.losses, len(traj.losses)
     if name == "loss":
         return L[:, :, None]
     if name == "loss_change":
         return np.stack([L[:, t] - L[:, t - 1] for t in range(1, L.shape[1])], axis=1)[:, :, None]
     if name == "fisher":
-        return traj["grads"] ** 2
-    source = {"lca": lca["first_order"], "polca_first_order": traj["first_order"], "polca": traj["polca"]}[
-        name
-    ]
+        return traj.grads**2
+    source = {"lca": lca.first_order, "polca_first_order": traj.first_order, "polca": traj.polca}[name]
     out = np.zeros_like(source)
     for t in range(source.shape[1]):
         out[:, t] = source[:, : t + 1].sum(axis=1)
@@ -48,7 +48,8 @@ def zscore(x):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_each_method_clusters_its_defined_trajectory_under_its_own_settings(name, traj):
-    lca = {"first_order": np.random.default_rng(1).normal(size=(30, 8, 4)), "parameters": np.arange(4)}
+    first = np.random.default_rng(1).normal(size=(30, 8, 4))
+    lca = Decomposition(first, first, traj.losses, traj.grads, traj.steps, parameters=np.arange(4))
     curves = method_curves(name, traj, lca)
     want = expected(name, traj, lca)
     np.testing.assert_allclose(curves.curves, want)
@@ -91,10 +92,10 @@ def test_basis_ablations_use_polcas_settings():
 
 
 def test_rising_vectors_are_those_whose_mean_projected_loss_rises(traj):
-    t = dict(traj)
-    polca = t["polca"].copy()
+    t = dataclasses.replace(traj)
+    polca = t.polca.copy()
     polca[:, :, 1] = np.abs(polca[:, :, 1])  # vector 1 only rises
-    t["polca"] = polca
+    t.polca = polca
     totals = polca.sum(axis=1).mean(axis=0)
     assert rising_vectors(t).tolist() == np.flatnonzero(totals > 0).tolist()
     assert 1 in rising_vectors(t).tolist()
@@ -127,13 +128,13 @@ def test_clusters_of_kept_vectors_keep_their_original_column_index():
     early, late = np.zeros(T - 1), np.zeros(T - 1)
     early[2], late[9] = -1, -1
     polca[:, :, 2] = np.where(half[:, None], early, late) + rng.normal(0, 0.01, (n, T - 1))
-    traj = {
-        "steps": np.arange(T) * 20,
-        "polca": polca,
-        "first_order": polca,
-        "losses": np.linspace(2, 1, T)[None].repeat(n, 0),
-        "grads": rng.normal(size=(n, T, 3)),
-    }
+    traj = Decomposition(
+        steps=np.arange(T) * 20,
+        polca=polca,
+        first_order=polca,
+        losses=np.linspace(2, 1, T)[None].repeat(n, 0),
+        grads=rng.normal(size=(n, T, 3)),
+    )
     metrics, tables, assign, _ = analyse(settings, task, "polca", traj, None)
     assert metrics["vectors_dropped"] == [1]
     table = tables["clusters"]

@@ -6,6 +6,7 @@ from torch import nn
 
 from polca_study.model import ModelConfig, Transformer
 from polca_study.polca import (
+    Coordinates,
     ModuleLoss,
     build_basis,
     decompose,
@@ -255,6 +256,52 @@ def test_module_loss_reverse_route_matches_forward_and_brute_force():
     assert rev.grad_fn is None and not rev.requires_grad  # holds no autograd graph
     jac = torch.autograd.functional.jacobian(loss_fn, theta)  # (n, d), independent
     torch.testing.assert_close(fwd, jac @ vectors, rtol=1e-9, atol=1e-12)
+
+
+def test_coordinates_give_the_gradient_entries_on_every_route_without_a_dense_matrix():
+    """LCA's directions: per-token gradient entries at chosen parameters, gathered, equal
+    to the Jacobian's columns (brute force) on both routes and in a trajectory."""
+    model, loss_fn = tiny_transformer_loss(seed=3)
+    theta = flatten_parameters(model)
+    sizes = [p.numel() for p in model.parameters()]
+    # one entry in every parameter tensor (embeddings, linears, biases, LayerNorm), and the largest ones
+    starts = torch.tensor([0] + sizes[:-1]).cumsum(0)
+    indices = torch.unique(torch.cat([starts + torch.tensor(sizes) // 2, torch.argsort(-theta.abs())[:7]]))
+    coords = Coordinates(indices, theta.numel(), theta.dtype)
+    jac = torch.autograd.functional.jacobian(loss_fn, theta)  # (n, d), independent
+    for route in ("forward", "reverse"):
+        losses, derivs = loss_fn.directional(theta, coords, route=route)
+        torch.testing.assert_close(derivs, jac[:, indices], rtol=1e-9, atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    checkpoints = [theta + 0.01 * i * torch.randn(theta.shape, generator=g) for i in range(3)]
+    sparse = decompose_trajectory(loss_fn, checkpoints, coords, "none", route="reverse", progress=False)
+    dense = decompose_trajectory(
+        loss_fn, checkpoints, coords.dense(), "none", route="reverse", progress=False
+    )
+    torch.testing.assert_close(sparse.polca, dense.polca, rtol=1e-9, atol=1e-12)
+    assert dense.polca.shape == (12, 2, len(indices))
+
+
+def test_trajectory_reads_checkpoints_one_at_a_time():
+    """A lazy sequence is walked once, holding at most the current and the next vector."""
+    loss_fn, theta, _, vectors = mlp_problem(seed=5)
+    g = torch.Generator().manual_seed(3)
+    stored = [theta + 0.05 * i * torch.randn(theta.shape, generator=g) for i in range(4)]
+    reads = []
+
+    class Lazy:
+        def __len__(self):
+            return len(stored)
+
+        def __iter__(self):
+            for i, t in enumerate(stored):
+                reads.append(i)
+                yield t.clone()
+
+    lazy = decompose_trajectory(loss_fn, Lazy(), vectors, "path", progress=False)
+    eager = decompose_trajectory(loss_fn, stored, vectors, "path", progress=False)
+    assert reads == [0, 1, 2, 3]
+    torch.testing.assert_close(lazy.polca, eager.polca)
 
 
 def test_module_loss_exact_second_order_matches_double_backward():

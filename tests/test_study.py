@@ -112,7 +112,7 @@ def test_killed_run_resumes_without_recomputing_finished_stages(tmp_path, tiny_o
     proc.wait()
     assert list((cache / "basis").glob("[!.]*")), "the run never finished its basis stage"
     assert not list((cache / "decompose").glob("[!.]*")), "the run finished before it was killed"
-    train_entry = next((cache / "train").glob("[!.]*")) / "arrays.npz"
+    train_entry = next((cache / "train").glob("[!.]*")) / "meta.json"
     stamp = train_entry.stat().st_mtime_ns
     polca(args, env)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
