@@ -36,13 +36,14 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 # The method comparison (docs/comparison.md): tune every method's clustering on seeds 100
-# and 101 with the same budget, then run every method on the held-out seeds 200-204 (with
-# the packaged settings; add ARGS="hydra.searchpath=[file://$$PWD/multirun/studies/tune_methods/configs]"
-# to compare with the settings of your own tuning run).
+# and 101 with the same budget, then run every method on the held-out seeds 200-204 with
+# the settings that tuning chose (the packaged ones when `make tune` has not run here).
+TUNED := $(abspath multirun/studies/tune_methods/configs)
 tune: install
 	$(VENV)/bin/polca-study -m +sweep=tune_methods $(ARGS)
 
-COMPARE := $(VENV)/bin/polca-study -m +sweep=compare_methods $(ARGS)
+COMPARE = $(VENV)/bin/polca-study -m +sweep=compare_methods \
+	$(if $(wildcard $(TUNED)/tuned_method),hydra.searchpath=[file://$(TUNED)]) $(ARGS)
 compare: install
 	$(COMPARE)
 	$(COMPARE) seed=200,201,202 dataset.carry_rate=0.08 method=lca,random_basis,shuffled_basis
