@@ -55,6 +55,7 @@ compare-modes: install
 bench: install
 	$(PY) benchmarks/stages.py
 	$(PY) benchmarks/polca_routes.py
+	$(PY) benchmarks/scale.py
 
 clean-cache:
 	rm -rf .cache/polca_study

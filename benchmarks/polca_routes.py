@@ -1,6 +1,7 @@
 """Cost of POLCA on the default arithmetic model and evaluation set, side by side.
 
     .venv/bin/python benchmarks/polca_routes.py [--threads 2] [--repeats 3]
+    .venv/bin/python benchmarks/polca_routes.py --model paper --eval-size 250 --only routes
 
 Prints, measured in one run: seconds per evaluation interval for m = 1, 10, 50 in each
 route and second-order mode, as ratios to a plain forward pass over the same tokens;
@@ -17,7 +18,6 @@ import glob
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from polca_study.data.arithmetic import ArithmeticData, token_loss
@@ -29,6 +29,7 @@ from polca_study.polca import (
     flatten_parameters,
     hessian_vector_product,
 )
+from polca_study.snapshots import SnapshotStore
 
 
 def reset_peak() -> None:
@@ -53,14 +54,18 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(times), peak_mb()
 
 
-def checkpoints(d: int) -> list[torch.Tensor]:
-    """Snapshots of the default study's trained model when cached, else a short training."""
-    found = sorted(glob.glob(".cache/polca_study/train/*/arrays.npz"))
-    for path in found:
-        with np.load(path, allow_pickle=False) as arrays:
-            snaps = torch.from_numpy(arrays["snapshots"])
-        if snaps.shape[1] == d and len(snaps) > 40:
-            return [snaps[i] for i in (20, 21, 22, 23)]
+def checkpoints(d: int, synthetic: bool) -> list[torch.Tensor]:
+    """Snapshots 20-23 of the default study's trained model from its cached store; for
+    the paper model (cost does not depend on the values) its initialisation and three
+    random small steps from it."""
+    if synthetic:
+        g = torch.Generator().manual_seed(0)
+        theta = torch.randn(d, generator=g) * 0.02
+        return [theta + 1e-3 * i * torch.randn(d, generator=g) for i in range(4)]
+    for path in sorted(glob.glob(".cache/polca_study/train/*/snapshots")):
+        store = SnapshotStore(path)
+        if store.numel == d and len(store) > 40:
+            return [store.flat(int(store.steps[i])) for i in (20, 21, 22, 23)]
     raise SystemExit("run the default study first (make run) so its trained model is cached")
 
 
@@ -91,16 +96,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--naive-tokens", type=int, default=200)
+    parser.add_argument("--naive-tokens", type=int, default=200, help="0 skips the naive loop")
     parser.add_argument("--only", choices=["routes", "basis"], default=None)
+    parser.add_argument("--model", choices=["small", "paper"], default="small")
+    parser.add_argument("--eval-size", type=int, default=1250, help="evaluation examples (4 tokens each)")
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 10, 50], help="basis sizes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    data = ArithmeticData(eval_size=1250, hessian_size=1250, carry_rate=0.08)
-    model = Transformer(ModelConfig(n_ctx=11, d_vocab=12))
+    data = ArithmeticData(eval_size=args.eval_size, hessian_size=args.eval_size, carry_rate=0.08)
+    sizes = {"small": {}, "paper": {"n_layers": 3, "d_model": 512, "n_heads": 4, "d_mlp": 2048}}
+    model = Transformer(ModelConfig(n_ctx=11, d_vocab=12, **sizes[args.model]))
     d = flatten_parameters(model).numel()
-    thetas = checkpoints(d)
+    thetas = checkpoints(d, synthetic=args.model == "paper")
     loss = ModuleLoss(model, data.eval_split().batch(), token_loss)
     n = loss(thetas[0]).numel()
     with torch.no_grad():
@@ -123,7 +132,7 @@ def routes(args, loss, thetas, d: int, n: int, forward: float) -> None:
     )
     print(f"{'m':>3} {'mode':>6} {'route':>8} {'s/interval':>11} {'x forward':>10} {'peak MB':>8}")
     steps = len(thetas) - 1
-    for m in (1, 10, 50):
+    for m in args.m:
         vectors, _ = torch.linalg.qr(torch.randn(d, m))
         cases = [
             ("none", "forward"),
@@ -137,13 +146,13 @@ def routes(args, loss, thetas, d: int, n: int, forward: float) -> None:
             def run(mode=mode, route=route, vectors=vectors):
                 decompose_trajectory(loss, thetas, vectors, mode, route=route, progress=False)
 
-            seconds, peak = timed(run, 1 if m == 50 else args.repeats)
+            seconds, peak = timed(run, 1 if m >= 50 else args.repeats)
             per = seconds / steps
             print(f"{m:>3} {mode:>6} {route:>8} {per:>11.2f} {per / forward:>10.1f} {peak:>8.0f}")
-        if m == 50:
-            auto = loss.choose_route(m)
-            print(f"    route=auto chooses {auto!r} at m={m}")
+        print(f"    route=auto chooses {loss.choose_route(m)!r} at m={m}")
 
+    if not args.naive_tokens:  # 0: skip (on the paper model each token costs a whole pass)
+        return
     # naive: one autograd.grad per token, dotted with the basis (extrapolated from a subset)
     vectors, _ = torch.linalg.qr(torch.randn(d, 10))
     theta = thetas[0].clone().requires_grad_(True)

@@ -176,6 +176,7 @@ def validate(cfg: DictConfig) -> Config:
     for name in ("steps", "batch_size", "checkpoint_every"):
         _at_least(f"train.{name}", getattr(t, name), 1)
     _at_least("train.warmup_steps", t.warmup_steps, 0)
+    _at_least("train.resume_every", t.resume_every, 0)
     if not t.lr > 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     _choice("basis.kind", obj.basis.kind, BASIS_KINDS)
