@@ -37,7 +37,15 @@ from polca_study.cluster_labels import (
 from polca_study.config import Config, ConfigError, validate
 from polca_study.methods import METHODS, Decomposition, method_curves, rising_vectors
 from polca_study.model import ModelConfig, Transformer
-from polca_study.polca import Basis, Coordinates, ModuleLoss, build_basis, decompose_trajectory
+from polca_study.polca import (
+    Basis,
+    Coordinates,
+    ModuleLoss,
+    SecondOrderError,
+    build_basis,
+    check_second_order,
+    decompose_trajectory,
+)
 from polca_study.score import (
     ami_and_coverage,
     breakthrough_time,
@@ -228,6 +236,13 @@ def stage_decompose(
         model = make_model(cfg, task).to(device)
         batch = {k: v.to(device) for k, v in task.eval_split.batch().items()}
         loss = ModuleLoss(model, batch, task.token_loss)
+        if second_order == "exact":  # before any work: nested forward mode must be right here
+            check = ModuleLoss(model, {k: v[:2] for k, v in batch.items()}, task.token_loss)
+            try:
+                error = check_second_order(check, thetas[0])
+            except SecondOrderError as err:  # a setting this model cannot take: one clear line
+                raise ConfigError(str(err)) from err
+            log.info("exact second order checked against double backward: relative error %.1e", error)
         traj = decompose_trajectory(
             loss,
             thetas,

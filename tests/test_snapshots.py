@@ -124,7 +124,9 @@ def test_killed_training_resumes_to_bit_identical_snapshots(tmp_path):
         assert all(torch.equal(sa[n], sb[n]) for n in a.names), f"step {step} differs"
     import pandas as pd
 
-    pd.testing.assert_frame_equal(pd.read_parquet(whole / "history.parquet"), pd.read_parquet(killed / "history.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(whole / "history.parquet"), pd.read_parquet(killed / "history.parquet")
+    )
     pd.testing.assert_frame_equal(
         pd.read_parquet(whole / "train_loss.parquet"), pd.read_parquet(killed / "train_loss.parquet")
     )
