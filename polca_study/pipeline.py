@@ -26,14 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from polca_study import tracking
 from polca_study.cache import StageCache, write_atomic
-from polca_study.cluster import cluster_all, features
-from polca_study.cluster_labels import (
-    best_label_purity,
-    cluster_contexts,
-    simply_labelled_fraction,
-    simply_labelled_null,
-    text_cluster_table,
-)
+from polca_study.cluster import cluster_all
 from polca_study.config import Config, ConfigError, validate
 from polca_study.methods import METHODS, Decomposition, method_curves, rising_vectors
 from polca_study.model import ModelConfig, Transformer
@@ -47,16 +40,9 @@ from polca_study.polca import (
     decompose_trajectory,
 )
 from polca_study.score import (
-    ami_and_coverage,
     breakthrough_time,
-    carry_probe_auc,
-    carry_recovery,
     cluster_breakthroughs,
-    cluster_table,
     delta_points,
-    filter_carry_rates,
-    permutation_null,
-    top_homogeneity,
 )
 from polca_study.snapshots import parameters_of, snapshot_bytes
 from polca_study.task import Task, make_task
@@ -282,7 +268,7 @@ def analyse(cfg: Config, task: Task, method: str, traj: Decomposition, lca: Deco
     kept = curves.curves[:, :, keep]
     assign = cluster_all(kept, task.groups, cfg.cluster, curves.rises[:, keep])
     s = cfg.score
-    table, metrics, tables = SCORERS[task.name](cfg, assign, kept, labels, curves.curves.shape[2])
+    table, metrics, tables = task.score(cfg, assign, kept, labels, curves.curves.shape[2])
     # hidden: later than the aggregate loss's own breakthrough by a margin
     aggregate = traj.losses.mean(axis=0)
     aggregate_step = breakthrough_time(aggregate, traj.steps, delta_points(traj.steps, s.breakthrough_delta))
@@ -326,68 +312,6 @@ def _remap_columns(metrics: dict, keep: np.ndarray, width: int) -> None:
         elif key.startswith("top_") and isinstance(value, list):
             for entry in value:
                 entry["vector"] = int(keep[entry["vector"]])
-
-
-def score_arithmetic(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.DataFrame, columns: int):
-    """Carry, place and value scores of the clusters against the known skills.
-    Returns (cluster table, metrics, further tables)."""
-    s = cfg.score
-    table = cluster_table(assign, labels, s.homogeneity_threshold)
-    metrics: dict = {
-        "carry_recovery": carry_recovery(table),
-        "carry_base_rate": float(labels["carry"][labels["place"].astype(str).isin(["10s", "100s"])].mean()),
-        "top_carry": top_homogeneity(table, "carry"),
-        "top_place": top_homogeneity(table, "place"),
-        "top_value": top_homogeneity(table, "value"),
-    }
-    metrics.update(ami_and_coverage(assign, labels))
-    if s.probe:
-        metrics["probe_auc"] = carry_probe_auc(curves, labels, seed=cfg.seed)
-    metrics.update(permutation_null(assign, labels, s.permutations, s.homogeneity_threshold, cfg.seed))
-    if "carry_recovery_null_mean" in metrics:
-        metrics["carry_recovery_excess"] = metrics["carry_recovery"] - metrics["carry_recovery_null_mean"]
-    # what the filter alone does: the carry rate of the 10s/100s tokens each column keeps
-    rates = filter_carry_rates(assign, labels)
-    metrics["filter_carry_rate_per_vector"] = np.round(rates, 4).tolist()
-    metrics["filter_carry_rate_max"] = float(np.nanmax(rates)) if np.isfinite(rates).any() else float("nan")
-    for i, row in enumerate(metrics["top_carry"][:3]):
-        for key in ("carry_homogeneity", "carry_recall", "carry_f1"):
-            metrics[f"carry_top{i + 1}_{key}"] = float(row[key])
-    return table, metrics, {}
-
-
-def score_text(cfg: Config, assign: np.ndarray, curves: np.ndarray, labels: pd.DataFrame, columns: int):
-    """Automatic part-of-speech labels of the clusters, their nearest contexts, and the
-    share of basis vectors with a simply-labelled cluster (against a permutation null).
-    `columns` counts all the method's columns, dropped ones included."""
-    s = cfg.score
-    table = text_cluster_table(assign, labels, s.label_coverage, s.simple_max_tags)
-    fraction = simply_labelled_fraction(table, columns)
-    purity = best_label_purity(table, columns)
-    metrics: dict = {
-        "simply_labelled_fraction": fraction,
-        "simply_labelled_clusters": int(table.simply_labelled.sum()) if len(table) else 0,
-        "label_purity": purity,
-    }
-    metrics.update(ami_and_coverage(assign, labels, skills=("tag_w0",)))
-    null = simply_labelled_null(assign, labels, s.permutations, s.label_coverage, s.simple_max_tags, cfg.seed)
-    for name, observed in (("simply_labelled_fraction", fraction), ("label_purity", purity)):
-        if not null:
-            break
-        # the null's values average over the clustered columns; rescale to all columns
-        values = null[name] * assign.shape[1] / max(columns, 1)
-        metrics[f"{name}_null_mean"] = float(values.mean())
-        metrics[f"{name}_null95"] = float(np.quantile(values, 0.95))
-        metrics[f"{name}_p"] = float((1 + (values >= observed).sum()) / (1 + len(values)))
-    # the search objective: purity above what the same clusters give with shuffled tags
-    metrics["label_purity_excess"] = purity - metrics.get("label_purity_null_mean", 0.0)
-    contexts = cluster_contexts(
-        assign, lambda j: features(curves[:, :, j], cfg.cluster), labels, table, s.contexts
-    )
-    return table, metrics, {"contexts": contexts}
-
-
-SCORERS = {"arithmetic": score_arithmetic, "text": score_text}
 
 
 def approximation_error(traj: Decomposition) -> dict[str, float]:
@@ -506,8 +430,6 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
         }
     )
     with stage("report", timings, memory):
-        from polca_study import report
-
         write_atomic(
             run_dir / "summary.json", lambda p: p.write_text(json.dumps(metrics, indent=2, default=_jsonable))
         )
@@ -516,14 +438,9 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
             frame = trajectories_frame(traj, labels)
             write_atomic(run_dir / "trajectories.parquet", lambda p: frame.to_parquet(p, index=False))
         write_atomic(run_dir / "assignments.npy", lambda p: _save_npy(p, assign))
-        if task.name == "text":
-            contexts = tables["contexts"]
-            write_atomic(run_dir / "contexts.csv", lambda p: contexts.to_csv(p, index=False))
-            markdown = report.text_clusters_markdown(metrics, table, contexts)
-            write_atomic(run_dir / "clusters.md", lambda p: p.write_text(markdown))
-            tracker.table("cluster_contexts", report.contexts_table(table, contexts))
+        task.write_outputs(run_dir, metrics, tables, tracker)
         figures = (
-            report.figures(run_dir, task.name, trained.history, curves, assign, labels, table)
+            task.figures(run_dir / "figures", trained.history, curves, assign, labels, table)
             if cfg.figures
             else {}
         )
@@ -536,26 +453,7 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
                 "trajectories",
                 [run_dir / "trajectories.parquet", run_dir / "clusters.csv"],
             )
-    if task.name == "arithmetic":
-        log.info(
-            "carry_recovery %.3f, top carry homogeneity %s, coverage %.2f",
-            metrics["carry_recovery"],
-            [round(r["carry_homogeneity"], 3) for r in metrics["top_carry"]],
-            metrics["coverage"],
-        )
-    else:
-        log.info(
-            "simply-labelled fraction %.3f (null mean %.3f), label purity %.3f (null mean %.3f), "
-            "%d of %d clusters simply labelled, coverage %.2f; labels and contexts in %s",
-            metrics["simply_labelled_fraction"],
-            metrics.get("simply_labelled_fraction_null_mean", float("nan")),
-            metrics["label_purity"],
-            metrics.get("label_purity_null_mean", float("nan")),
-            metrics["simply_labelled_clusters"],
-            metrics["clusters"],
-            metrics["coverage"],
-            run_dir / "clusters.md",
-        )
+    log.info(task.headline(metrics, run_dir))
     return metrics
 
 

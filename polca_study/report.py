@@ -14,19 +14,16 @@ import pandas as pd  # noqa: E402
 PLACE_COLORS = {"1000s": "tab:purple", "100s": "tab:blue", "10s": "tab:orange", "1s": "tab:green"}
 
 
-def figures(
-    run_dir: Path,
-    task: str,
+def arithmetic_figures(
+    out_dir: Path,
     history: pd.DataFrame,
     curves,
     assign: np.ndarray,
     labels: pd.DataFrame,
     table: pd.DataFrame,
 ) -> dict[str, Path]:
-    out_dir = Path(run_dir) / "figures"
+    """Learning curves by place, the top carry clusters' curves, their skill composition."""
     out_dir.mkdir(exist_ok=True)
-    if task == "text":
-        return text_figures(out_dir, history, curves, assign, labels, table)
     paths = {
         "learning_curves": learning_curves(history, table, out_dir / "learning_curves.png"),
     }
@@ -126,6 +123,8 @@ def skill_composition(assign, labels, table, path: Path) -> Path:
 
 
 def text_figures(out_dir: Path, history, curves, assign, labels, table) -> dict[str, Path]:
+    """Learning curves by the tag of the target's word, the best-labelled clusters' curves."""
+    out_dir.mkdir(exist_ok=True)
     paths = {"learning_curves": text_learning_curves(history, table, out_dir / "learning_curves.png")}
     if len(table):
         rows = _labelled_rows(table)
