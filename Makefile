@@ -46,6 +46,7 @@ COMPARE = $(VENV)/bin/polca-study -m +sweep=compare_methods \
 	$(if $(wildcard $(TUNED)/tuned_method),hydra.searchpath=[file://$(TUNED)]) $(ARGS)
 compare: install
 	$(COMPARE)
+	$(COMPARE) seed=200,201,202 cluster=paper
 	$(COMPARE) seed=200,201,202 dataset.carry_rate=0.08 method=lca,random_basis,shuffled_basis
 
 # POLCA's exact and paper second-order modes (about 6x the decomposition of path each)

@@ -71,6 +71,7 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
             "seed=3,4",
             "dataset.carry_rate=0.08",
             "method=loss,loss_change,fisher,lca,polca_first_order,polca,random_basis,shuffled_basis",
+            "cluster=tuned,paper",
             f"hydra.sweep.dir={compare_dir}",
         ],
         env,
