@@ -13,12 +13,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-from polca_study import cluster, methods, polca
+from polca_study import cluster, methods, polca, source
 from polca_study.cluster import ClusterConfig
 from polca_study.data.corpus import SOURCES
 from polca_study.data.tagging import TAGGERS
 from polca_study.data.text import TextConfig
 from polca_study.model import ModelConfig
+from polca_study.source import SnapshotsConfig
 from polca_study.train import TrainConfig
 
 METHODS = tuple(methods.METHODS)
@@ -97,6 +98,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: Any = MISSING  # ArithmeticConfig or TextConfig, typed by the group option
     train: TrainConfig = field(default_factory=TrainConfig)
+    snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
     basis: BasisConfig = field(default_factory=BasisConfig)
     polca: PolcaConfig = field(default_factory=PolcaConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -172,6 +174,8 @@ def validate(cfg: DictConfig) -> Config:
     except Exception as err:  # OmegaConf wraps __post_init__'s ValueError with its context
         raise ConfigError(str(err).splitlines()[0]) from err
     _validate_dataset(obj.dataset)
+    _choice("snapshots.kind", obj.snapshots.kind, source.KINDS)
+    ours = obj.snapshots.kind == "train"  # other sources' steps are whatever they hold
     t = obj.train
     for name in ("steps", "batch_size", "checkpoint_every"):
         _at_least(f"train.{name}", getattr(t, name), 1)
@@ -183,6 +187,8 @@ def validate(cfg: DictConfig) -> Config:
     _at_least("basis.k", obj.basis.k, 1)
     for path, interval in (("basis.interval", obj.basis.interval), ("polca.interval", obj.polca.interval)):
         _at_least(path, interval, 1)
+        if not ours:
+            continue
         if interval % t.checkpoint_every:
             raise ConfigError(
                 f"{path}={interval} must be a multiple of train.checkpoint_every={t.checkpoint_every}"

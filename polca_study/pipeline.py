@@ -12,11 +12,9 @@ import json
 import logging
 import os
 import resource
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,6 @@ from polca_study.cache import StageCache, write_atomic
 from polca_study.cluster import cluster_all
 from polca_study.config import Config, ConfigError, validate
 from polca_study.methods import METHODS, Decomposition, method_curves, rising_vectors
-from polca_study.model import ModelConfig, Transformer
 from polca_study.polca import (
     Basis,
     Coordinates,
@@ -44,9 +41,9 @@ from polca_study.score import (
     cluster_breakthroughs,
     delta_points,
 )
-from polca_study.snapshots import parameters_of, snapshot_bytes
+from polca_study.source import Source, make_source, snapshot_steps
 from polca_study.task import Task, make_task
-from polca_study.train import TrainRun, train
+from polca_study.train import TrainRun
 
 log = logging.getLogger("polca_study")
 
@@ -75,84 +72,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def model_config(cfg: Config, task: Task) -> ModelConfig:
-    """The model's config with the sizes left to the dataset (null) filled in."""
-    m = replace(cfg.model, n_ctx=cfg.model.n_ctx or task.n_ctx, d_vocab=cfg.model.d_vocab or task.d_vocab)
-    if m.n_ctx < task.n_ctx or m.d_vocab < task.d_vocab:
-        raise ConfigError(
-            f"model.n_ctx={m.n_ctx} and model.d_vocab={m.d_vocab} must be at least the "
-            f"dataset's {task.n_ctx} and {task.d_vocab} (null: take the dataset's)"
-        )
-    return m
-
-
-def make_model(cfg: Config, task: Task) -> Transformer:
-    torch.manual_seed(cfg.seed)
-    return Transformer(model_config(cfg, task))
-
-
 # ------------------------------------------------------------------------- stages
 
 
-def stage_train(cfg: Config, task: Task, cache: StageCache, device, progress) -> tuple[TrainRun, str]:
-    """Train, streaming snapshots into the cache entry's store; a killed run resumes."""
-    m = model_config(cfg, task)
-    settings = asdict(cfg.train)
-    settings.pop("resume_every")  # when the state is saved does not change the run
-    spec = {"model": asdict(m), "dataset": task.spec, "train": settings, "seed": cfg.seed}
-
-    def build(work: Path) -> None:
-        model = make_model(cfg, task)
-        check_disk(work, model, cfg.train)
-        if device.type == "cuda":
-            torch.backends.cudnn.deterministic = True
-        train(
-            model,
-            task.train_batches(cfg.train.batch_size, cfg.seed),
-            cfg.train,
-            task.token_loss,
-            lambda m: task.evaluate(m, task.eval_split),
-            work,
-            device=device,
-            progress=progress,
-            model_info={"class": f"{Transformer.__module__}.{Transformer.__name__}", "config": asdict(m)},
-        )
-
-    return cache.get_or_build("train", spec, build, TrainRun.load)
-
-
-def check_disk(where: Path, model: torch.nn.Module, train_cfg) -> None:
-    """Log the snapshot store's size and fail before training when it cannot fit."""
-    snapshots = train_cfg.steps // train_cfg.checkpoint_every + 1
-    per = snapshot_bytes(parameters_of(model, torch.float32))
-    need = snapshots * per + 4 * per  # and the saved training state (model, optimizer, RNG)
-    free = shutil.disk_usage(where).free
-    log.info(
-        "the snapshot store will hold %d snapshots of %.1f MB: %.2f GB (%.1f GB free in %s)",
-        snapshots,
-        per / 1e6,
-        need / 1e9,
-        free / 1e9,
-        where.parent,
-    )
-    if need > free:
-        raise ConfigError(
-            f"the cache at {where.parent} has {free / 1e9:.1f} GB free, but training writes "
-            f"{snapshots} snapshots of {per / 1e6:.1f} MB ({need / 1e9:.1f} GB); free space, "
-            f"point cache_dir elsewhere, or raise train.checkpoint_every (now {train_cfg.checkpoint_every})"
-        )
-
-
 def snapshots_at(trained: TrainRun, every: int, last: int, device, order: np.ndarray | None = None):
-    """The steps 0, every, ... ≤ last (in `order` if given) and their snapshots, read lazily."""
-    steps = np.arange(0, last + 1, every)
+    """The stored steps that are multiples of `every` and ≤ last (in `order` if given),
+    and their snapshots, read lazily."""
+    steps = snapshot_steps(trained, every, last)
+    if len(steps) < 2:
+        raise ConfigError(
+            f"an interval of {every} steps leaves {len(steps)} of the stored snapshots "
+            f"(steps {trained.steps[:5].tolist()}...): choose an interval that divides at least two of them"
+        )
     if order is not None:
         steps = steps[order]
     return steps, trained.store.sequence(steps, device=device)
 
 
 def stage_basis(
-    cfg: Config, task: Task, trained: TrainRun, train_key: str, cache: StageCache, device, progress
+    cfg: Config,
+    task: Task,
+    source: Source,
+    trained: TrainRun,
+    train_key: str,
+    cache: StageCache,
+    device,
+    progress,
 ):
     b = cfg.basis
     spec = {
@@ -166,7 +111,8 @@ def stage_basis(
     }
 
     def compute() -> Basis:
-        steps = np.arange(0, cfg.train.steps, b.interval)
+        # a basis at every multiple of the interval but the last snapshot (no interval follows it)
+        steps = snapshot_steps(trained, b.interval, int(trained.steps[-1]) - 1)
         d, m = trained.store.numel, len(steps) * b.k
         if b.kind == "random":
             g = torch.Generator().manual_seed(b.seed)
@@ -176,8 +122,8 @@ def stage_basis(
         order = None
         if b.kind == "shuffled":
             order = np.random.default_rng(b.seed).permutation(len(steps))
-        _, thetas = snapshots_at(trained, b.interval, cfg.train.steps - 1, device, order)
-        model = make_model(cfg, task).to(device)
+        _, thetas = snapshots_at(trained, b.interval, int(trained.steps[-1]) - 1, device, order)
+        model = source.model(task).to(device)
         batch = {k: v.to(device) for k, v in task.hessian_split().batch().items()}
         loss = ModuleLoss(model, batch, task.token_loss)
         basis = build_basis(
@@ -198,6 +144,7 @@ def stage_basis(
 def stage_decompose(
     cfg: Config,
     task: Task,
+    source: Source,
     trained: TrainRun,
     directions: Callable[[], torch.Tensor | Coordinates],
     parent_key: str,
@@ -218,8 +165,8 @@ def stage_decompose(
 
     def compute() -> Decomposition:
         vectors = directions()
-        steps, thetas = snapshots_at(trained, cfg.polca.interval, cfg.train.steps, device)
-        model = make_model(cfg, task).to(device)
+        steps, thetas = snapshots_at(trained, cfg.polca.interval, int(trained.steps[-1]), device)
+        model = source.model(task).to(device)
         batch = {k: v.to(device) for k, v in task.eval_split.batch().items()}
         loss = ModuleLoss(model, batch, task.token_loss)
         if second_order == "exact":  # before any work: nested forward mode must be right here
@@ -378,18 +325,20 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
     memory: dict[str, float] = {}
     progress = cfg.progress
     write_atomic(run_dir / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(raw, resolve=True)))
+    source = make_source(cfg)
     with stage("data", timings, memory):
         task = make_task(cfg.dataset, cache)
     labels = task.eval_split.labels
-    with stage("train", timings, memory):
-        trained, train_key = stage_train(cfg, task, cache, device, progress)
+    with stage("train", timings, memory):  # or the snapshots of another source
+        trained, train_key = source.prepare(task, cache, device, progress)
     _log_history(tracker, trained.history, trained.train_loss)
     with stage("basis", timings, memory):
-        basis, basis_key = stage_basis(cfg, task, trained, train_key, cache, device, progress)
+        basis, basis_key = stage_basis(cfg, task, source, trained, train_key, cache, device, progress)
     with stage("decompose", timings, memory):
         traj, _ = stage_decompose(
             cfg,
             task,
+            source,
             trained,
             lambda: basis.vectors,
             basis_key,

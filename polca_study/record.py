@@ -1,16 +1,18 @@
 """Record snapshots of any PyTorch training loop into a snapshot store.
 
-    recorder = SnapshotRecorder("runs/mine", every=50, model={"factory": "my_pkg.make_model",
-                                                               "config": {...}})
+    recorder = SnapshotRecorder("runs/mine", every=50)   # model: what rebuilds it (optional)
     for step, batch in enumerate(loader):
         ...
         recorder.step(model, step)     # writes when step % every == 0
     recorder.close()                   # or: with SnapshotRecorder(...) as recorder:
 
 The directory then holds the store of `snapshots.py` (the format our own training
-writes), read by `SnapshotStore`. Parameters are stored in float32 by default (the
-precision POLCA works in); `model` is whatever a reader needs to rebuild the module
-(its class and config, or a factory's import path), kept in the manifest.
+writes), read by `SnapshotStore` and by `polca-study snapshots=recorded
+snapshots.path=<directory>`. Parameters are stored in float32 by default (the precision
+POLCA works in). `model` is what a reader needs to rebuild the module, kept in the
+manifest; left out, it is filled in for polca-study's Transformer and for `transformers`
+models (their config); any other model is rebuilt by the function the reader names in
+`snapshots.factory` (called with `model["config"]` as keyword arguments).
 
 Thin adapters for PyTorch Lightning (`LightningRecorder`) and the Hugging Face
 `Trainer` (`HFTrainerRecorder`) follow their host's hooks; both import their framework
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from polca_study.snapshots import SnapshotWriter, parameters_of
+from polca_study.source import model_info
 
 
 class SnapshotRecorder:
@@ -47,7 +50,8 @@ class SnapshotRecorder:
         if not force and step % self.every:
             return False
         if self._writer is None:
-            self._writer = SnapshotWriter(self.directory, parameters_of(module, self.dtype), self.model)
+            info = self.model if self.model is not None else model_info(module)
+            self._writer = SnapshotWriter(self.directory, parameters_of(module, self.dtype), info)
         self._writer.write(step, {n: p for n, p in module.named_parameters() if p.requires_grad})
         return True
 

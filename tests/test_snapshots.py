@@ -156,17 +156,17 @@ def test_clustering_only_rerun_never_reads_the_snapshots(tmp_path, tiny_override
 def test_training_that_cannot_fit_on_disk_fails_before_it_starts(tmp_path, monkeypatch):
     import shutil
 
-    from polca_study import pipeline
+    from polca_study import source
     from polca_study.config import ConfigError, validate
     from polca_study.task import make_task
     from tests.conftest import compose_config
 
     cfg = validate(compose_config(["experiment=tiny", f"cache_dir={tmp_path}"]))
     task = make_task(cfg.dataset)
-    model = pipeline.make_model(cfg, task)
+    model = source.make_source(cfg).model(task)
     free = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: free._replace(free=1000))
+    monkeypatch.setattr(source.shutil, "disk_usage", lambda p: free._replace(free=1000))
     with pytest.raises(ConfigError, match="train.checkpoint_every \\(now 10\\)"):
-        pipeline.check_disk(tmp_path, model, cfg.train)
+        source.check_disk(tmp_path, model, cfg.train)
     monkeypatch.undo()
-    pipeline.check_disk(tmp_path, model, cfg.train)  # this one fits
+    source.check_disk(tmp_path, model, cfg.train)  # this one fits

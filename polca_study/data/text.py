@@ -12,6 +12,7 @@ words before it (`tagging.context_tags`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,9 @@ class TextConfig:
     max_chars: int | None = None  # read at most this many characters of the corpus
     val_fraction: float = 0.05  # held-out tail of each document
     vocab_size: int = 1024  # BPE vocabulary, trained locally on the training split
+    # a pretrained tokenizer (hub id or directory; needs `transformers`) in place of the
+    # trained BPE: a model analysed at its revisions reads text the way it was trained to
+    tokenizer: str | None = None
     n_ctx: int = 32  # tokens per context
     eval_tokens: int = 3000  # evaluation tokens (the paper: 12,600)
     eval_positions: int = 16  # evaluation tokens per held-out context
@@ -118,6 +122,20 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
+def pretrained_tokenizer(name: str):
+    """The fast tokenizer of a pretrained model (its `tokenizers.Tokenizer`) and its
+    end-of-text token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if not tok.is_fast:
+        raise ValueError(f"dataset.tokenizer={name!r} has no fast (Rust) tokenizer, which gives offsets")
+    eot = tok.eos_token or tok.sep_token
+    if eot is None:
+        raise ValueError(f"dataset.tokenizer={name!r} has no end-of-sequence token to separate documents")
+    return tok.backend_tokenizer, eot
+
+
 def load_tokenizer(json_text: str):
     from tokenizers import Tokenizer
 
@@ -140,8 +158,11 @@ def tokenize_corpus(docs: list[str], c: TextConfig) -> dict:
     parts = [split_document(d, c.val_fraction) for d in docs]
     train_texts = [p[0] for p in parts if p[0]]
     held_out = "\n\n".join(p[1].strip("\n") for p in parts if p[1].strip())
-    tok = train_tokenizer(train_texts, c.vocab_size)
-    eot = tok.token_to_id(EOT)
+    if c.tokenizer:
+        tok, eot_token = pretrained_tokenizer(c.tokenizer)
+    else:
+        tok, eot_token = train_tokenizer(train_texts, c.vocab_size), EOT
+    eot = tok.token_to_id(eot_token)
     train_ids = []
     for enc in tok.encode_batch(train_texts):
         train_ids.extend(enc.ids)
@@ -178,6 +199,11 @@ class TextData:
         )
         self.corpus_id = corpus.fingerprint(docs)
         spec = {"corpus": self.corpus_id, "vocab_size": c.vocab_size, "val_fraction": c.val_fraction}
+        if c.tokenizer:  # by content, not by name: a directory's tokenizer can change
+            tok, _ = pretrained_tokenizer(c.tokenizer)
+            digest = hashlib.sha256(tok.to_str().encode()).hexdigest()[:20]
+            spec = {**spec, "vocab_size": None, "pretrained": digest}
+        self.pretrained = spec.get("pretrained")
         self.tokens, self.tokenizer_key = _cached(cache, "tokenizer", spec, lambda: tokenize_corpus(docs, c))
         self.tokenizer = load_tokenizer(self.tokens["tokenizer"])
         self.d_vocab = int(self.tokens["vocab_size"])
@@ -208,7 +234,10 @@ class TextData:
             "hessian_size",
             "seed",
         )
-        return {**{k: c[k] for k in keep}, "corpus": self.corpus_id, "tagger": self.tagger}
+        out = {**{k: c[k] for k in keep}, "corpus": self.corpus_id, "tagger": self.tagger}
+        if self.pretrained:  # (absent otherwise, so the trained-BPE keys stay as they were)
+            out["tokenizer"] = self.pretrained
+        return out
 
     def _select_eval(self) -> dict:
         c = self.config
