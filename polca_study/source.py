@@ -85,7 +85,7 @@ def model_info(module: nn.Module) -> dict | None:
     if isinstance(module, ModelOf):
         module = module.model
     if isinstance(module, Transformer):
-        return {"class": OURS, "config": asdict(module.config)}
+        return {"class": OURS, "config": asdict(module.cfg)}
     config = getattr(module, "config", None)
     if (
         config is not None
@@ -342,15 +342,14 @@ class HuggingFaceSource(Source):
         spec = {"path": self.snapshots.path, "revisions": [[r, s, self._identity(r)] for r, s in pairs]}
 
         def build(work: Path) -> None:
+            store = work / "snapshots"
+            done = set(SnapshotStore(store).steps.tolist()) if (store / "manifest.json").exists() else set()
             writer = None
             for revision, step in pairs:
-                if writer is not None and step in writer.steps:
+                if step in done:
                     continue  # imported before an interruption
                 module = self._load(revision)
-                if writer is None:
-                    writer = SnapshotWriter.for_module(work / "snapshots", module, model_info(module))
-                    if step in writer.steps:
-                        continue
+                writer = writer or SnapshotWriter.for_module(store, module, model_info(module))
                 writer.write(step, module)
                 log.info("imported revision %s (step %d)", revision, step)
                 del module
