@@ -359,8 +359,16 @@ def check_second_order(
         error = abs(float(nested[i, 0]) - truth) / max(abs(truth), 1e-12)
         worst = max(worst, error)
     if worst > rtol:
+        # normalisation layers are where fused kernels have broken nested forward mode
+        module = getattr(loss_fn, "module", None)
+        suspects = sorted(
+            {type(m).__name__ for m in module.modules() if "norm" in type(m).__name__.lower()}
+            if module is not None
+            else set()
+        )
+        where = f" (its normalisation modules: {', '.join(suspects)})" if suspects else ""
         raise SecondOrderError(
-            f"polca.second_order=exact is wrong on this model: along a random direction its "
+            f"polca.second_order=exact is wrong on this model{where}: along a random direction its "
             f"curvature differs from double backward by {worst:.1%} (tolerance {rtol:.0e}); a module "
             f"computes second derivatives incorrectly under nested forward-mode AD. Use "
             f"polca.second_order=path or paper (first-order passes only), or make the module elementary"
