@@ -4,12 +4,13 @@
 
 Builds GPT-NeoX with Pythia-70m's configuration from `transformers` (random weights,
 nothing downloaded), takes `--batch` sequences of `--seq` tokens, and times, each
-`--repeats` times (median): a forward pass of the per-token losses, and a
-decomposition over two intervals (`polca.decompose_trajectory`, as the study runs it:
-`path` reuses each checkpoint's terms for the next interval) along `--directions`
-directions for each second-order mode, divided by the two intervals. Prints
-milliseconds per token per direction for each, and the ratio to a forward pass, from
-which the README's estimate for a Pythia study is made.
+`--repeats` times (median): a forward pass of the per-token losses; a Hessian-vector
+product of their sum (one gradient graph reused, as Lanczos does); and a decomposition
+over two intervals (`polca.decompose_trajectory`, as the study runs it: `path` reuses
+each checkpoint's terms for the next interval) along `--directions` directions for
+each second-order mode, divided by the two intervals. Prints milliseconds per token
+per direction for each, and the ratio to a forward pass, from which the README's
+estimate for a Pythia study is made.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 import torch
 import transformers
 
-from polca_study.polca import causal_lm_loss, decompose_trajectory, flatten_parameters
+from polca_study.polca import causal_lm_loss, decompose_trajectory, flatten_parameters, hessian_vector_product
 
 PYTHIA_70M = dict(
     vocab_size=50304,
@@ -70,6 +71,13 @@ def main() -> None:
         f"{args.directions} directions, {args.threads} threads, median of {args.repeats}"
     )
     print(f"forward pass: {1000 * forward / tokens:.3f} ms per token")
+    hvp = hessian_vector_product(lambda th: loss(th).sum(), theta)
+    v = vectors[:, 0].contiguous()
+    per = timed(lambda: hvp(v), args.repeats)
+    print(
+        f"Hessian-vector product (the basis's Lanczos step): {1000 * per / tokens:.3f} ms per token, "
+        f"{per / forward:.1f} forward passes"
+    )
     print("| decompose | route | ms per token per direction | forward passes per direction |")
     print("|---|---|---|---|")
     for mode in ("none", "path", "paper", "exact"):
