@@ -353,6 +353,7 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
             lca, _ = stage_decompose(
                 cfg,
                 task,
+                source,
                 trained,
                 lambda: lca_coordinates(trained),
                 f"{train_key}/lca",
