@@ -57,6 +57,8 @@ bench: install
 	$(PY) benchmarks/stages.py
 	$(PY) benchmarks/polca_routes.py
 	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/recorder.py
+	$(PY) benchmarks/causal_lm.py
 
 clean-cache:
 	rm -rf .cache/polca_study
