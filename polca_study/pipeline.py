@@ -75,14 +75,17 @@ def resolve_device(name: str) -> torch.device:
 # ------------------------------------------------------------------------- stages
 
 
-def snapshots_at(trained: TrainRun, every: int, last: int, device, order: np.ndarray | None = None):
+def snapshots_at(
+    trained: TrainRun, every: int, last: int, device, order: np.ndarray | None = None, least: int = 1
+):
     """The stored steps that are multiples of `every` and ≤ last (in `order` if given),
-    and their snapshots, read lazily."""
+    and their snapshots, read lazily; at least `least` of them."""
     steps = snapshot_steps(trained, every, last)
-    if len(steps) < 2:
+    if len(steps) < least:
         raise ConfigError(
             f"an interval of {every} steps leaves {len(steps)} of the stored snapshots "
-            f"(steps {trained.steps[:5].tolist()}...): choose an interval that divides at least two of them"
+            f"(steps {trained.steps[:5].tolist()}...); this stage needs {least}: choose an "
+            "interval that divides more of them"
         )
     if order is not None:
         steps = steps[order]
@@ -112,7 +115,7 @@ def stage_basis(
 
     def compute() -> Basis:
         # a basis at every multiple of the interval but the last snapshot (no interval follows it)
-        steps = snapshot_steps(trained, b.interval, int(trained.steps[-1]) - 1)
+        steps, _ = snapshots_at(trained, b.interval, int(trained.steps[-1]) - 1, device)
         d, m = trained.store.numel, len(steps) * b.k
         if b.kind == "random":
             g = torch.Generator().manual_seed(b.seed)
@@ -165,7 +168,7 @@ def stage_decompose(
 
     def compute() -> Decomposition:
         vectors = directions()
-        steps, thetas = snapshots_at(trained, cfg.polca.interval, int(trained.steps[-1]), device)
+        steps, thetas = snapshots_at(trained, cfg.polca.interval, int(trained.steps[-1]), device, least=2)
         model = source.model(task).to(device)
         batch = {k: v.to(device) for k, v in task.eval_split.batch().items()}
         loss = ModuleLoss(model, batch, task.token_loss)
