@@ -3,11 +3,11 @@ downloaded) trained on the offline corpus in a plain PyTorch loop, with
 `SnapshotRecorder` writing a snapshot every `--every` steps and the model also saved as
 Hugging Face checkpoints (checkpoint-N/), as `Trainer` would.
 
-    python examples/train_neox.py --out runs/neox           # a few minutes on 2 CPU cores
+    python examples/train_neox.py --out runs/neox           # about 2 minutes on 2 CPU cores
     polca-study experiment=cpu_text snapshots=recorded snapshots.path=runs/neox/recorded \
-        snapshots.tokenizer=runs/neox/hf basis.interval=100 polca.interval=50
+        snapshots.tokenizer=runs/neox/hf
     polca-study experiment=cpu_text snapshots=huggingface snapshots.path=runs/neox/hf \
-        basis.interval=100 polca.interval=100
+        polca.interval=250
 
 The tokenizer is a byte-level BPE trained on the corpus's training split and saved with
 the checkpoints; the study then tokenizes its evaluation text with it.
@@ -30,9 +30,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/neox"))
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--every", type=int, default=50, help="record a snapshot every N steps")
-    parser.add_argument("--save-every", type=int, default=100, help="save a checkpoint-N/ every N steps")
+    parser.add_argument("--save-every", type=int, default=250, help="save a checkpoint-N/ every N steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
