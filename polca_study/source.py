@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import shutil
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def model_info(module: nn.Module) -> dict | None:
     if isinstance(module, ModelOf):
         module = module.model
     if isinstance(module, Transformer):
-        return {"class": OURS, "config": asdict(module.cfg)}
+        return {"class": OURS, "config": module.config_dict()}
     config = getattr(module, "config", None)
     if (
         config is not None
@@ -102,8 +103,7 @@ def build_model(info: dict | None, factory: str | None = None) -> nn.Module:
         module_name, _, function = factory.partition(":")
         if not function:
             raise ValueError(f"snapshots.factory must be 'package.module:function', got {factory!r}")
-        made = getattr(importlib.import_module(module_name), function)(**((info or {}).get("config") or {}))
-        return made
+        return getattr(importlib.import_module(module_name), function)(**((info or {}).get("config") or {}))
     if info and info.get("class") == OURS:
         from polca_study.model import ModelConfig, Transformer
 
@@ -147,7 +147,7 @@ def evaluate_snapshots(store: SnapshotStore, module: nn.Module, task, device) ->
     return pd.concat(rows, ignore_index=True)
 
 
-class Source:
+class Source(ABC):
     """Snapshots for the stages. `prepare` returns (TrainRun, key): the key names the
     snapshots in the cache keys of the stages that read them."""
 
@@ -156,13 +156,23 @@ class Source:
         self.snapshots = cfg.snapshots
         self._info: dict | None = None
 
+    @abstractmethod
     def prepare(self, task, cache, device, progress) -> tuple[TrainRun, str]:
-        raise NotImplementedError
+        """The snapshots and their learning curves, and the key that names them."""
 
     def model(self, task) -> nn.Module:
         """A fresh module of the snapshots' architecture (the stages only read its
         structure: the parameters come from the snapshots)."""
         return build_model(self._info, self.snapshots.factory)
+
+    def _opened(self, store: SnapshotStore, key: str, task, cache, device) -> tuple[TrainRun, str]:
+        """A store made elsewhere, checked against the model it describes, with its
+        learning curves evaluated once and cached."""
+        self._info = store.model
+        module = self.model(task)
+        check_matches(store, module)
+        history = _curves(cache, {"snapshots": key, "dataset": task.spec}, store, module, task, device)
+        return TrainRun(store, history, pd.DataFrame(columns=["step", "loss"]), 0.0), key
 
 
 class TrainedHere(Source):
@@ -261,12 +271,7 @@ class RecordedSource(Source):
                 f"snapshots.path must name a recorded snapshot store, got {self.snapshots.path!r}"
             )
         store = SnapshotStore(path / "snapshots" if (path / "snapshots" / "manifest.json").exists() else path)
-        self._info = store.model
-        module = self.model(task)
-        check_matches(store, module)
-        key = f"recorded-{store_fingerprint(store)}"
-        history = _curves(cache, {"snapshots": key, "dataset": task.spec}, store, module, task, device)
-        return TrainRun(store, history, pd.DataFrame(columns=["step", "loss"]), 0.0), key
+        return self._opened(store, f"recorded-{store_fingerprint(store)}", task, cache, device)
 
 
 def revision_step(revision: str) -> int:
@@ -358,11 +363,7 @@ class HuggingFaceSource(Source):
             return SnapshotStore(directory / "snapshots")
 
         store, key = cache.get_or_build("snapshots", spec, build, open_)
-        self._info = store.model
-        module = self.model(task)
-        check_matches(store, module)
-        history = _curves(cache, {"snapshots": key, "dataset": task.spec}, store, module, task, device)
-        return TrainRun(store, history, pd.DataFrame(columns=["step", "loss"]), 0.0), key
+        return self._opened(store, key, task, cache, device)
 
 
 SOURCES: dict[str, type[Source]] = {

@@ -152,14 +152,14 @@ def split_document(doc: str, val_fraction: float) -> tuple[str, str]:
     return doc[:cut], doc[cut:]
 
 
-def tokenize_corpus(docs: list[str], c: TextConfig) -> dict:
+def tokenize_corpus(docs: list[str], c: TextConfig, pretrained=None) -> dict:
     """The cached "tokenizer" stage: tokenizer, training ids, held-out text with ids
     and character offsets."""
     parts = [split_document(d, c.val_fraction) for d in docs]
     train_texts = [p[0] for p in parts if p[0]]
     held_out = "\n\n".join(p[1].strip("\n") for p in parts if p[1].strip())
-    if c.tokenizer:
-        tok, eot_token = pretrained_tokenizer(c.tokenizer)
+    if pretrained:  # (tokenizer, end-of-text token) of `pretrained_tokenizer`
+        tok, eot_token = pretrained
     else:
         tok, eot_token = train_tokenizer(train_texts, c.vocab_size), EOT
     eot = tok.token_to_id(eot_token)
@@ -199,12 +199,14 @@ class TextData:
         )
         self.corpus_id = corpus.fingerprint(docs)
         spec = {"corpus": self.corpus_id, "vocab_size": c.vocab_size, "val_fraction": c.val_fraction}
-        if c.tokenizer:  # by content, not by name: a directory's tokenizer can change
-            tok, _ = pretrained_tokenizer(c.tokenizer)
-            digest = hashlib.sha256(tok.to_str().encode()).hexdigest()[:20]
+        pretrained = pretrained_tokenizer(c.tokenizer) if c.tokenizer else None
+        if pretrained:  # by content, not by name: a directory's tokenizer can change
+            digest = hashlib.sha256(pretrained[0].to_str().encode()).hexdigest()[:20]
             spec = {**spec, "vocab_size": None, "pretrained": digest}
         self.pretrained = spec.get("pretrained")
-        self.tokens, self.tokenizer_key = _cached(cache, "tokenizer", spec, lambda: tokenize_corpus(docs, c))
+        self.tokens, self.tokenizer_key = _cached(
+            cache, "tokenizer", spec, lambda: tokenize_corpus(docs, c, pretrained)
+        )
         self.tokenizer = load_tokenizer(self.tokens["tokenizer"])
         self.d_vocab = int(self.tokens["vocab_size"])
         self.n_ctx = c.n_ctx
