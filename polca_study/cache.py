@@ -64,8 +64,12 @@ def _sha256(path: Path) -> str:
 
 
 class StageCache:
-    def __init__(self, root: str | os.PathLike, force: set[str] | None = None):
+    def __init__(
+        self, root: str | os.PathLike, force: set[str] | None = None, environment: dict | None = None
+    ):
         self.root = Path(root)
+        # what computed the entries (library versions, threads, device): recorded, not keyed
+        self.environment = environment or {}
         self.force = set(force or ())
         for name in list(self.force):
             self.force |= FORCE_ALSO.get(name, set())
@@ -106,6 +110,7 @@ class StageCache:
                 "spec": spec,
                 "kinds": kinds,
                 "files": files,
+                "environment": self.environment,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -176,6 +181,7 @@ class StageCache:
                     "stage": stage,
                     "key": key,
                     "spec": spec,
+                    "environment": self.environment,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 }
                 write_atomic(

@@ -22,10 +22,11 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from polca_study import tracking
+from polca_study import environment, tracking
 from polca_study.cache import StageCache, write_atomic
 from polca_study.cluster import cluster_all
 from polca_study.config import Config, ConfigError, validate
+from polca_study.environment import pinned_threads
 from polca_study.methods import METHODS, Decomposition, method_curves, rising_vectors
 from polca_study.polca import (
     Basis,
@@ -301,29 +302,44 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike = ".", job: dict | None = No
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     job = job or {}
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
     device = resolve_device(settings.device)
-    cache = StageCache(settings.cache_dir, set(settings.force))
-    tracker = tracking.start(
-        settings.logger,
-        OmegaConf.to_container(cfg, resolve=True),
-        run_dir,
-        group=job.get("group"),
-        job_type=job.get("job_type", settings.method.name),
-        name=job.get("name"),
-        tags=job.get("tags", []),
-    )
-    failed = True
-    try:
-        metrics = _run(settings, cfg, run_dir, cache, tracker, device)
-        failed = False
-        return metrics
-    finally:
-        tracker.finish(failed=failed)
+    with pinned_threads(settings.num_threads) as threads:
+        env = environment.describe(threads, device)
+        cache = StageCache(settings.cache_dir, set(settings.force), env)
+        trial = study_trial()
+        config = {**OmegaConf.to_container(cfg, resolve=True), **trial}
+        tracker = tracking.start(
+            settings.logger,
+            config,
+            run_dir,
+            group=job.get("group"),
+            job_type=job.get("job_type", settings.method.name),
+            name=job.get("name"),
+            tags=job.get("tags", []),
+        )
+        failed = True
+        try:
+            metrics = _run(settings, cfg, run_dir, cache, tracker, device, {"environment": env, **trial})
+            failed = False
+            return metrics
+        finally:
+            tracker.finish(failed=failed)
 
 
-def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker, device) -> dict:
+def study_trial() -> dict:
+    """The Optuna study and trial this job runs for (the sweeper sets them in the job's
+    environment), so a W&B run leads to its trial."""
+    if tracking.STUDY_ENV not in os.environ:
+        return {}
+    return {
+        "optuna_study": os.environ[tracking.STUDY_ENV],
+        "optuna_trial": int(os.environ[tracking.TRIAL_ENV]),
+    }
+
+
+def _run(
+    cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker, device, context: dict
+) -> dict:
     timings: dict[str, float] = {}
     memory: dict[str, float] = {}
     progress = cfg.progress
@@ -380,6 +396,8 @@ def _run(cfg: Config, raw: DictConfig, run_dir: Path, cache: StageCache, tracker
             "seconds": {**timings, "train_compute": float(trained.seconds)},
             "peak_memory_mb": peak_memory_mb(),
             "peak_memory_mb_after": memory,
+            "wandb_run": tracker.path,
+            **context,
         }
     )
     with stage("report", timings, memory):

@@ -64,6 +64,16 @@ def snapshot_bytes(parameters: Sequence[Parameter]) -> int:
     return sum(p.numel * torch.empty(0, dtype=_dtype(p.dtype)).element_size() for p in parameters)
 
 
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted. safetensors writes
+    the metadata in an order that varies between processes, so identical tensors gave
+    files with different SHA-256, and the fingerprints built on them missed the cache."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
+    return len(header).to_bytes(8, "little") + header + blob[8 + n :]
+
+
 class SnapshotWriter:
     """Writes snapshots into a store, creating it or continuing an existing one.
 
@@ -105,7 +115,9 @@ class SnapshotWriter:
         vector in flattening order), replacing an earlier snapshot of the same step."""
         tensors = self._tensors(parameters)
         name = f"step-{int(step):08d}.safetensors"
-        blob = save_safetensors(tensors, metadata={"format": FORMAT, "step": str(int(step))})
+        blob = canonical_safetensors(
+            save_safetensors(tensors, metadata={"format": FORMAT, "step": str(int(step))})
+        )
         _write_atomic(self.directory / name, blob)
         entry = {"step": int(step), "file": name, "sha256": hashlib.sha256(blob).hexdigest()}
         self.snapshots = [s for s in self.snapshots if s["step"] != int(step)] + [entry]

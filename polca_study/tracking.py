@@ -13,6 +13,9 @@ from typing import Any
 import pandas as pd
 
 log = logging.getLogger(__name__)
+# The Optuna study and trial a job runs for: the sweeper sets them in the job's
+# environment, the job puts them in its W&B config (trial and run lead to each other).
+STUDY_ENV, TRIAL_ENV = "POLCA_STUDY_NAME", "POLCA_TRIAL_NUMBER"
 
 
 def resolve_mode(mode: str) -> str:
@@ -31,6 +34,13 @@ class Tracker:
     @property
     def active(self) -> bool:
         return self.run is not None
+
+    @property
+    def path(self) -> str | None:
+        """entity/project/run id (an offline run has no entity yet: project/run id)."""
+        if self.run is None:
+            return None
+        return "/".join(p for p in (self.run.entity, self.run.project, self.run.id) if p)
 
     def log(self, data: dict[str, Any], step: int | None = None) -> None:
         if self.run is not None:

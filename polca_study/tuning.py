@@ -13,11 +13,12 @@ clusters the loss with the settings of your tuning run. The package ships the se
 of the tuning run quoted in docs/comparison.md, in each method file's `cluster` block.
 By hand:
 
-    python -m polca_study.tuning <sweep dir> [storage] [study name]
+    python -m polca_study.tuning <sweep dir> [study name]
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -33,10 +34,11 @@ from polca_study.methods import METHODS
 log = logging.getLogger(__name__)
 
 
-def best_settings(storage: str, study_name: str) -> dict[str, dict]:
-    """{method: {"value", "trial", "trials", "params"}} of each `<study_name>-<method>`."""
+def best_settings(storage: str, study_name: str, names: list[str]) -> dict[str, dict]:
+    """{method: {"value", "trial", "trials", "params"}} of each study `<study_name>-<method>`
+    among `names` (the studies a tuning command ran; others in the storage are not its)."""
     out = {}
-    for name in optuna.get_all_study_names(storage):
+    for name in names:
         method = name.removeprefix(f"{study_name}-")
         if not name.startswith(f"{study_name}-") or method not in METHODS:
             continue
@@ -64,9 +66,11 @@ def tuned_yaml(method: str, params: dict, note: str) -> str:
     return f"# @package _global_\n# {note}\n" + OmegaConf.to_yaml(cfg)
 
 
-def export_tuned(sweep_dir: Path, storage: str, study_name: str) -> dict[str, dict]:
-    """Write configs/tuned_method/<name>.yaml and configs/summary.md into `sweep_dir`."""
-    best = best_settings(storage, study_name)
+def export_tuned(sweep_dir: Path, study_name: str) -> dict[str, dict]:
+    """Write configs/tuned_method/<name>.yaml and configs/summary.md into `sweep_dir`, from
+    the studies its command ran (listed by the sweeper in `studies.json`)."""
+    record = json.loads((Path(sweep_dir) / "studies.json").read_text())
+    best = best_settings(record["storage"], study_name, record["studies"])
     out = Path(sweep_dir).resolve() / "configs" / "tuned_method"
     out.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -97,12 +101,11 @@ class ExportTuned(Callback):
     """Hydra callback of the tuning study: export every method's best settings."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        sweeper = config.hydra.sweeper
-        export_tuned(Path(config.hydra.sweep.dir), sweeper.storage, sweeper.study_name)
+        if (Path(config.hydra.sweep.dir) / "studies.json").exists():  # not when the sweep was refused
+            export_tuned(Path(config.hydra.sweep.dir), config.hydra.sweeper.study_name)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3, 4):
-        raise SystemExit("usage: python -m polca_study.tuning <sweep dir> [storage] [study name]")
-    storage = sys.argv[2] if len(sys.argv) > 2 else "sqlite:///optuna/studies.db"
-    print(export_tuned(Path(sys.argv[1]), storage, sys.argv[3] if len(sys.argv) > 3 else "tune_methods"))
+    if len(sys.argv) not in (2, 3):
+        raise SystemExit("usage: python -m polca_study.tuning <sweep dir> [study name]")
+    print(export_tuned(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "tune_methods"))

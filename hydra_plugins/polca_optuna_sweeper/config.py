@@ -1,3 +1,7 @@
+"""A Hydra sweeper for current Optuna: trials are Hydra jobs, studies live in any Optuna
+storage (SQLite by default, PostgreSQL for many workers) and a study is a function of its
+command: run twice, killed and rerun, or with more launcher jobs, it holds the same trials."""
+
 # No `from __future__ import annotations`: Hydra imports plugin modules outside
 # sys.modules, where dataclasses cannot resolve string annotations.
 from dataclasses import dataclass, field
@@ -9,6 +13,8 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class SamplerConf:
     name: str = "tpe"  # tpe | random | grid | cmaes
+    # Trial k samples with a seed derived from (seed, k), never from the trials present;
+    # None: unseeded (not reproducible).
     seed: int | None = 0
 
 
@@ -16,13 +22,30 @@ class SamplerConf:
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.polca_optuna_sweeper.sweeper.OptunaSweeper"
     study_name: str = "polca"
-    # Any SQLAlchemy URL; sqlite files are created with their directory.
-    storage: str = "sqlite:///optuna/studies.db"
+    # Any SQLAlchemy URL; sqlite files are created with their directory. By default the
+    # study lives beside its jobs, so a rerun of the same command (same sweep directory)
+    # resumes it and another sweep directory starts a new one.
+    storage: str = "sqlite:///${hydra.sweep.dir}/optuna.db"
     direction: str = "maximize"
-    n_trials: int = 20  # trials in the whole study, across reruns and workers
-    n_jobs: int = 1  # trials handed to the launcher at once (parallel with joblib)
-    max_failures: int = 5  # the study stops once this many trials have failed
-    # Queue the configured values of the searched keys as a trial (once per study), so
+    n_trials: int = 20  # complete trials the study ends with (failed ones do not count)
+    # Trials asked together and handed to the launcher at once; part of the study's
+    # definition (it shapes the history), unlike the launcher's parallelism
+    # (hydra.launcher.n_jobs, SLURM array size), which changes only the wall time.
+    batch_size: int = 1
+    # False: one driver at a time advances the study, batch by batch (reproducible; other
+    # drivers on the same study wait). True: independent workers on one RDB study ask
+    # whenever budget remains (faster on a cluster, not reproducible; never duplicates).
+    asynchronous: bool = False
+    retries: int = 2  # a failed job is run again with the same parameters this many times
+    max_failures: int = 5  # the study stops once this many trials failed every retry
+    # n_trials is part of the study; a larger one continues it only with extend=true
+    # (trial k does not depend on n_trials, so the extended study equals a longer one).
+    extend: bool = False
+    # Optuna's RDB heartbeat: a running trial whose heartbeat is older than grace_period
+    # seconds lost its worker and is run again (in its own place, with its parameters).
+    heartbeat_interval: int = 10
+    grace_period: int = 60
+    # Queue the configured values of the searched keys as trial 0 of a new study, so
     # every study measures its baseline and can only improve on it.
     baseline_trial: bool = True
     sampler: SamplerConf = field(default_factory=SamplerConf)
@@ -35,6 +58,11 @@ class OptunaSweeperConf:
     # Search space in Hydra's override grammar, e.g. "int(interval(20, 200))",
     # "choice(eom, leaf)", "tag(log, interval(1e-4, 1e-1))", "range(1, 5)".
     params: dict[str, Any] = field(default_factory=dict)
+    # Config keys that do not change a trial's result (where it is cached or logged); the
+    # study's fingerprint leaves them out, so changing them does not make a new study.
+    fingerprint_exclude: list[str] = field(
+        default_factory=lambda: ["cache_dir", "logger", "progress", "figures", "save_trajectories", "force"]
+    )
 
 
 ConfigStore.instance().store(

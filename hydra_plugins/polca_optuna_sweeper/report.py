@@ -12,21 +12,34 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-def report_study(study: optuna.Study, out_dir: Path, config: DictConfig) -> dict:
+def report_study(study: optuna.Study, out_dir: Path, config: DictConfig, storage: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    result = {"study": study.study_name, "trials_complete": len(complete), "trials_failed": len(failed)}
+    result = {
+        "study": study.study_name,
+        "storage": storage,
+        "trials_complete": len(complete),
+        "trials_failed": len(failed),
+    }
     if complete:
         best = study.best_trial
         result.update(best_trial=best.number, best_value=best.value, best_params=best.params)
-        log.info("best trial %d: %.4f with %s", best.number, best.value, best.params)
+        log.info(
+            "study %s (%s): best trial %d: %.4f with %s",
+            study.study_name,
+            storage,
+            best.number,
+            best.value,
+            best.params,
+        )
     figures = {}
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # matplotlib plots
     if complete:
@@ -43,6 +56,24 @@ def report_study(study: optuna.Study, out_dir: Path, config: DictConfig) -> dict
     OmegaConf.save(OmegaConf.create(result), out_dir / "optimization_results.yaml")
     _log_wandb(study, result, figures, config)
     return result
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial with numeric values and parameters (NaN where missing), so the
+    W&B UI can sort and plot them; times as seconds, state and text as strings."""
+    frame = study.trials_dataframe(attrs=("number", "value", "state", "duration", "params", "user_attrs"))
+    if "duration" in frame:
+        frame["duration"] = frame["duration"].dt.total_seconds()
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            numeric = pd.to_numeric(frame[column], errors="coerce")
+            text = frame[column].notna() & numeric.isna()
+            frame[column] = numeric if not text.any() else frame[column].map(_text)
+    return frame
+
+
+def _text(value) -> str | None:
+    return None if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 def _save(ax, path: Path) -> Path:
@@ -70,7 +101,7 @@ def _log_wandb(study, result: dict, figures: dict, config: DictConfig) -> None:
         tags=["study"],
     )
     try:
-        tracker.table("trials", study.trials_dataframe().astype(str))
+        tracker.table("trials", trials_table(study))
         tracker.images({f"study_{k}": p for k, p in figures.items()})
         tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float, str))})
         tracker.summary({"best_params": result.get("best_params", {})})
