@@ -107,7 +107,7 @@ def main() -> None:
 
     data = ArithmeticData(eval_size=args.eval_size, hessian_size=args.eval_size, carry_rate=0.08)
     sizes = {"small": {}, "paper": {"n_layers": 3, "d_model": 512, "n_heads": 4, "d_mlp": 2048}}
-    model = Transformer(ModelConfig(n_ctx=11, d_vocab=12, **sizes[args.model]))
+    model = Transformer(ModelConfig(n_ctx=11, d_vocab=12, **sizes[args.model])).eval()
     d = flatten_parameters(model).numel()
     thetas = checkpoints(d, synthetic=args.model == "paper")
     loss = ModuleLoss(model, data.eval_split().batch(), token_loss)

@@ -16,7 +16,11 @@ W&B, files or any particular model. Outputs keep the dtype and device of inputs.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +31,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[Tensor], Tensor]
 SECOND_ORDER_MODES = ("none", "exact", "paper", "path")
@@ -632,9 +638,13 @@ class ModuleLoss:
     The reverse route (`directional(..., route="reverse")`) runs one batched backward per
     position and forms each sequence's gradient from captured activations and output
     gradients, projected on all m vectors at once. It needs every parameter to belong to
-    an `nn.Linear`, an `nn.Embedding`, or a module that defines
-    `project_per_sample_grads(inputs, output_grad, basis) -> (S, m)`; sequences must not
-    interact (no batch norm).
+    an `nn.Linear`, an `nn.Embedding`, a `transformers` `Conv1D` (GPT-2), a leaf module
+    of one input (LayerNorm, RMSNorm: by a vmapped vector-Jacobian product of the module
+    alone) or a module that defines `project_per_sample_grads(inputs, output_grad, basis)
+    -> (S, m)`; sequences must not interact (no batch norm). A tied parameter (GPT-2's
+    output layer and input embedding) is one parameter, its gradient summed over its uses.
+
+    The module must be in eval mode: dropout would make the losses random.
     """
 
     def __init__(
@@ -645,6 +655,11 @@ class ModuleLoss:
         forward: Callable[[nn.Module, object], Tensor] | None = None,
         chunk_sequences: int = 512,
     ):
+        if module.training:
+            raise ValueError(
+                f"ModuleLoss got a {type(module).__name__} in training mode: dropout or batch "
+                "statistics would make its losses random; call .eval() on it first"
+            )
         self.module = module
         self.batch = batch
         self.token_loss = token_loss
@@ -687,21 +702,42 @@ class ModuleLoss:
         return self._route_cache[m]
 
     def _cheaper_route(self, m: int) -> str:
-        if self.unsupported_parameters():
+        missing = self.unsupported_parameters()
+        if missing:
+            log.info(
+                "first-order route: forward (no per-sample gradient rule for %d parameters, e.g. %s)",
+                len(missing),
+                missing[:3],
+            )
             return "forward"
         S, P = self.positions()
-        inputs = self.batch["inputs"] if isinstance(self.batch, dict) else self.batch
+        inputs = next(iter(self.batch.values())) if isinstance(self.batch, dict) else self.batch
         T = inputs.shape[1] if inputs.ndim > 1 else 1
         reverse = 1 + P * (_BACKWARD_COST + m / (2 * T))
-        return "reverse" if reverse < _JVP_COST * m else "forward"
+        route = "reverse" if reverse < _JVP_COST * m else "forward"
+        log.info(
+            "first-order route: %s (cost model for %d directions: reverse %.0f, forward %.0f forward passes)",
+            route,
+            m,
+            reverse,
+            _JVP_COST * m,
+        )
+        return route
+
+    def _canonical(self) -> dict[int, str]:
+        """Each parameter's name in flattening order, by identity: a tied parameter (GPT-2's
+        output layer shares the input embedding) is one entry, used by two modules."""
+        return {id(p): n for n, p in self.module.named_parameters() if p.requires_grad}
 
     def unsupported_parameters(self) -> list[str]:
-        covered = set()
-        for mod_name, mod in self.module.named_modules():
-            if _projector(mod) is not None:
-                covered |= {
-                    f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False)
-                }
+        canonical = self._canonical()
+        covered = {
+            canonical[id(p)]
+            for mod in self.module.modules()
+            if _has_rule(mod)
+            for p in mod.parameters(recurse=False)
+            if id(p) in canonical
+        }
         return [n for n in self.names if n not in covered]
 
     def directional(self, theta: Tensor, vectors: Tensor, route: str = "auto"):
@@ -747,14 +783,28 @@ class ModuleLoss:
         records: list[tuple[nn.Module, str, tuple, Tensor]] = []
         prefix = {mod: name for name, mod in self.module.named_modules()}
 
-        def hook(mod, inputs, output):
-            records.append((mod, prefix[mod], inputs, output))
+        S = _sequences(batch)
 
-        handles = [
-            mod.register_forward_hook(hook)
+        def hook(mod, inputs, output):
+            if output.shape[0] == 1 and S > 1:
+                # shared by every sequence (GPT-2's position embedding of positions (1, T)):
+                # one copy per sequence, so each copy's gradient is that sequence's own
+                output = output.expand(S, *output.shape[1:])
+                inputs = tuple(
+                    x.expand(S, *x.shape[1:]) if isinstance(x, Tensor) and x.shape[:1] == (1,) else x
+                    for x in inputs
+                )
+            records.append((mod, prefix[mod], inputs, output))
+            return output
+
+        canonical = self._canonical()
+        # each hooked module's parameters: local name -> flattening-order name
+        owned = {
+            mod: {n: canonical[id(p)] for n, p in mod.named_parameters(recurse=False) if id(p) in canonical}
             for mod in self.module.modules()
-            if _projector(mod) is not None and any(True for _ in mod.parameters(recurse=False))
-        ]
+            if _has_rule(mod)
+        }
+        handles = [mod.register_forward_hook(hook) for mod, names in owned.items() if names]
         try:
             output = self.forward(_Bound(self.module, params), batch)
         finally:
@@ -769,18 +819,24 @@ class ModuleLoss:
                 token_losses[:, p].sum(), outs, retain_graph=p < P - 1, allow_unused=True
             )
             with torch.no_grad():  # the projections must not hold on to the graph
-                for (mod, name, inputs, _), g in zip(records, grads, strict=True):
+                for (mod, _, inputs, _), g in zip(records, grads, strict=True):
                     if g is None:
                         continue
-                    local = {
-                        n: basis[f"{name}.{n}" if name else n] for n, _ in mod.named_parameters(recurse=False)
-                    }
+                    names = owned[mod]
+                    local = {n: basis[full] for n, full in names.items()}
+                    project = _projector(mod, {n: params[full].detach() for n, full in names.items()})
                     if isinstance(vectors, Coordinates):
-                        _add_coordinates(derivs[:, p], mod, inputs, g, local, vectors.dtype)
+                        _add_coordinates(derivs[:, p], mod, inputs, g, local, vectors.dtype, project)
                     else:
-                        derivs[:, p] += _projector(mod)(inputs, g, {n: b for n, (b, _) in local.items()})
+                        derivs[:, p] += project(inputs, g, {n: b for n, (b, _) in local.items()})
         records.clear()
         return token_losses.detach().reshape(-1), derivs.reshape(S * P, -1)
+
+
+def _sequences(batch) -> int:
+    """The number of sequences in a batch (a tensor or a dict of tensors)."""
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch
+    return first.shape[0]
 
 
 def _slice(batch, start: int, size: int):
@@ -831,7 +887,9 @@ def _embedding_projection(inputs: tuple, output_grad: Tensor, basis: dict[str, T
     return torch.einsum("std,stdm->sm", delta, rows)
 
 
-def _add_coordinates(out: Tensor, mod: nn.Module, inputs: tuple, g: Tensor, local: dict, dtype) -> None:
+def _add_coordinates(
+    out: Tensor, mod: nn.Module, inputs: tuple, g: Tensor, local: dict, dtype, project: Callable
+) -> None:
     """Add per-sequence gradient entries at coordinates to `out` (S, m): gathered from
     activations and output gradients for linear and embedding layers, by the module's
     own projection on its (small) dense slice otherwise."""
@@ -864,12 +922,71 @@ def _add_coordinates(out: Tensor, mod: nn.Module, inputs: tuple, g: Tensor, loca
         slice_ = torch.zeros(param.numel(), len(columns), dtype=dtype, device=g.device)
         slice_[rows, torch.searchsorted(columns, cols)] = 1
         dense[n] = slice_.reshape(*param.shape, len(columns))
-    out[:, columns] += _projector(mod)(inputs, g, dense)
+    out[:, columns] += project(inputs, g, dense)
 
 
-def _projector(mod: nn.Module):
+def _conv1d_projection(inputs: tuple, output_grad: Tensor, basis: dict[str, Tensor]) -> Tensor:
+    """transformers' Conv1D (GPT-2): y = x W + b with W (in, out), a transposed Linear;
+    <B, Σ_t a_t δ_tᵀ> per sequence."""
+    a = inputs[0]
+    S = a.shape[0]
+    a = a.reshape(S, -1, a.shape[-1])
+    delta = output_grad.reshape(S, -1, output_grad.shape[-1])
+    grad_w = torch.einsum("sti,sto->sio", a, delta).reshape(S, -1)
+    out = grad_w @ basis["weight"].reshape(-1, basis["weight"].shape[-1])
+    if "bias" in basis:
+        out = out + delta.sum(1) @ basis["bias"]
+    return out
+
+
+def _vjp_projection(mod: nn.Module, params: dict[str, Tensor], inputs: tuple, output_grad: Tensor, basis):
+    """Any leaf module of one input (LayerNorm, RMSNorm, ...): its per-sequence parameter
+    gradients by a vector-Jacobian product of the module alone, vmapped over sequences."""
+
+    def one(x: Tensor, g: Tensor) -> dict[str, Tensor]:
+        _, pull = torch.func.vjp(
+            lambda p: torch.func.functional_call(mod, p, (x.unsqueeze(0),)).squeeze(0), params
+        )
+        return pull(g)[0]
+
+    grads = torch.func.vmap(one)(inputs[0], output_grad)
+    S = output_grad.shape[0]
+    return sum(grads[n].reshape(S, -1) @ b.reshape(-1, b.shape[-1]) for n, b in basis.items())
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(mod, conv1d)
+
+
+def _one_input_leaf(mod: nn.Module) -> bool:
+    if next(mod.children(), None) is not None:
+        return False
+    try:
+        parameters = inspect.signature(mod.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters) == 1
+
+
+def _has_rule(mod: nn.Module) -> bool:
+    """Whether the reverse route can form per-sequence gradients of `mod`'s own parameters."""
+    return (
+        isinstance(mod, (nn.Linear, nn.Embedding))
+        or _is_conv1d(mod)
+        or hasattr(mod, "project_per_sample_grads")
+        or _one_input_leaf(mod)
+    )
+
+
+def _projector(mod: nn.Module, params: dict[str, Tensor]) -> Callable:
+    """`(inputs, output_grad, basis) -> (S, m)` for `mod` at parameters `params`."""
     if isinstance(mod, nn.Linear):
         return _linear_projection
     if isinstance(mod, nn.Embedding):
         return _embedding_projection
-    return getattr(mod, "project_per_sample_grads", None)
+    if _is_conv1d(mod):
+        return _conv1d_projection
+    if hasattr(mod, "project_per_sample_grads"):
+        return mod.project_per_sample_grads
+    return functools.partial(_vjp_projection, mod, params)

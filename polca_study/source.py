@@ -161,8 +161,15 @@ class Source(ABC):
         """The snapshots and their learning curves, and the key that names them."""
 
     def model(self, task) -> nn.Module:
-        """A fresh module of the snapshots' architecture (the stages only read its
-        structure: the parameters come from the snapshots)."""
+        """A fresh module of the snapshots' architecture in eval mode, for every stage
+        that evaluates it (the parameters come from the snapshots). Whatever mode it was
+        built or recorded in, the analysis must be deterministic: dropout left on made
+        Hessian-vector products random (a silently wrong basis) and the decomposition
+        fail under vmap."""
+        return self.build(task).eval()
+
+    def build(self, task) -> nn.Module:
+        """A fresh module of the snapshots' architecture, in the mode it is built in."""
         return build_model(self._info, self.snapshots.factory)
 
     def _opened(self, store: SnapshotStore, key: str, task, cache, device) -> tuple[TrainRun, str]:
@@ -190,7 +197,7 @@ class TrainedHere(Source):
             )
         return m
 
-    def model(self, task) -> nn.Module:
+    def build(self, task) -> nn.Module:
         from polca_study.model import Transformer
 
         torch.manual_seed(self.cfg.seed)
@@ -204,7 +211,7 @@ class TrainedHere(Source):
         spec = {"model": asdict(m), "dataset": task.spec, "train": settings, "seed": cfg.seed}
 
         def build(work: Path) -> None:
-            model = self.model(task)
+            model = self.build(task).train()
             check_disk(work, model, cfg.train)
             if device.type == "cuda":
                 torch.backends.cudnn.deterministic = True

@@ -230,6 +230,7 @@ def tiny_transformer_loss(seed=0):
     model = Transformer(
         ModelConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=12, n_ctx=6, d_vocab=5, init_std=0.5)
     ).double()
+    model.eval()
     tokens = torch.randint(0, 5, (4, 6))
 
     def token_loss(logits, batch):  # loss at the last 3 positions: (S, 3)
@@ -320,11 +321,12 @@ def test_reverse_route_refuses_modules_without_a_rule():
         def __init__(self):
             super().__init__()
             self.scale = nn.Parameter(torch.ones(3))
+            self.inner = nn.Identity()  # not a leaf: no generic rule either
 
         def forward(self, x):
-            return x * self.scale
+            return self.inner(x) * self.scale
 
-    module = Scaled()
+    module = Scaled().eval()
     loss_fn = ModuleLoss(module, torch.randn(2, 3), lambda out, b: out)
     theta = flatten_parameters(module)
     assert loss_fn.choose_route(100) == "forward"
@@ -346,3 +348,9 @@ def test_trajectory_exact_mode_also_gives_the_paper_approximation():
     # grads at each checkpoint are <b, ∇L(x;θ_t)>
     jac = torch.autograd.functional.jacobian(loss_fn, checkpoints[2])
     torch.testing.assert_close(exact.grads[:, 2], jac @ vectors)
+
+
+def test_module_loss_refuses_a_module_in_training_mode():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1))
+    with pytest.raises(ValueError, match="training mode.*call .eval"):
+        ModuleLoss(model, torch.randn(2, 3), lambda out, b: out)
