@@ -20,12 +20,12 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 $(DATA_DIR)/austen/SOURCE: | $(VENV)/.installed
-	$(PY) -m polca_study.data.corpus --data-dir $(DATA_DIR)
+	$(VENV)/bin/polca-study-data fetch --data-dir $(DATA_DIR)
 
 corpus: $(DATA_DIR)/austen/SOURCE
 
 run: install corpus
-	$(VENV)/bin/polca-study $(ARGS)
+	POLCA_DATA_DIR=$(DATA_DIR) $(VENV)/bin/polca-study $(ARGS)
 
 # The corpus tests skip without the corpus when pytest runs alone; here they must run.
 test: install corpus

@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from polca_study.config import ConfigError, register
 
@@ -35,14 +35,37 @@ def job_info() -> dict:
     }
 
 
+# Paths a user gives relative to where they ran the command (not the job's directory,
+# nor a launcher worker's): always resolved, or resolved when they exist there (a hub id
+# such as EleutherAI/pythia-70m is not a path).
+PATHS = ("cache_dir", "dataset.data_dir")
+PATHS_IF_THERE = ("snapshots.path", "snapshots.tokenizer")
+
+
+def resolve_paths(cfg: DictConfig, cwd: str) -> None:
+    for key in PATHS + PATHS_IF_THERE:
+        value = OmegaConf.select(cfg, key, default=None)
+        if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
+            continue
+        there = os.path.join(cwd, value)
+        if key in PATHS or os.path.exists(there):
+            OmegaConf.update(cfg, key, there)
+    files = OmegaConf.select(cfg, "dataset.files", default=None)
+    if files:
+        absolute = [f if os.path.isabs(os.path.expanduser(f)) else os.path.join(cwd, f) for f in files]
+        OmegaConf.update(cfg, "dataset.files", absolute)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
+    from polca_study.data.corpus import CorpusMissing
     from polca_study.pipeline import run
 
     info = job_info()
+    resolve_paths(cfg, HydraConfig.get().runtime.cwd)
     try:
         metrics = run(cfg, info.pop("run_dir"), info)
-    except ConfigError as err:
+    except (ConfigError, CorpusMissing) as err:
         # a bad setting of a single run: one line, no traceback (a sweep records it as
         # its trial's failure instead; HYDRA_FULL_ERROR=1 shows the traceback)
         if HydraConfig.get().mode == RunMode.RUN and os.environ.get("HYDRA_FULL_ERROR") != "1":

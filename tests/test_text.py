@@ -60,14 +60,29 @@ def test_reflow_joins_wrapped_lines_into_paragraphs():
     )
 
 
-def test_files_source_reads_globs_and_fails_clearly(tmp_path):
+def test_files_source_reads_globs_and_fails_clearly(tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_text("one\n")
     (tmp_path / "b.txt").write_text("two\n")
     assert corpus.load_documents("files", DATA_DIR, [str(tmp_path / "*.txt")]) == ["one\n", "two\n"]
     with pytest.raises(ValueError, match="dataset.files matched no files"):
         corpus.load_documents("files", DATA_DIR, [str(tmp_path / "*.md")])
-    with pytest.raises(corpus.CorpusMissing, match="make corpus"):
+
+    def offline(package, dest):
+        raise RuntimeError(f"apt-get download {package} failed: no network")
+
+    monkeypatch.setattr(corpus, "download_deb", offline)  # the first use fetches; here it cannot
+    with pytest.raises(corpus.CorpusMissing, match="could not be fetched.*polca-study-data fetch"):
         corpus.load_documents("austen", tmp_path)
+
+
+def test_the_corpus_is_found_from_any_directory(tmp_path, monkeypatch):
+    require_corpus()
+    monkeypatch.chdir(tmp_path)  # not the checkout
+    monkeypatch.setenv("POLCA_DATA_DIR", str(DATA_DIR.resolve()))
+    assert corpus.default_data_dir() == DATA_DIR.resolve()
+    assert len(corpus.load_documents("austen", None, max_chars=1000)) >= 1
+    monkeypatch.delenv("POLCA_DATA_DIR")
+    assert corpus.default_data_dir().name == "polca-study"  # the user's data directory
 
 
 def test_split_document_cuts_at_a_paragraph_break():

@@ -3,9 +3,12 @@
 Three sources:
 - `austen` (the offline default): Jane Austen's six novels as Debian's
   `r-cran-janeaustenr` package ships them (package MIT-licensed, the novels public domain,
-  from Project Gutenberg). `python -m polca_study.data.corpus` (run by `make`) fetches the
-  package with `apt-get download`, reads its R data files with the `rdata` library (no R
-  needed) and writes one UTF-8 text file per novel into `<data_dir>/austen/`.
+  from Project Gutenberg), fetched on first use (or by `polca-study-data fetch`): the
+  package comes with `apt-get download`, its R data files are read with the `rdata`
+  library (no R needed) and one UTF-8 text file per novel is written into
+  `<data dir>/austen/`. The data directory is the user's (platformdirs:
+  `~/.local/share/polca-study` on Linux) unless `POLCA_DATA_DIR` or `dataset.data_dir`
+  names another, so the study finds its corpus from any working directory.
 - `files`: the user's own UTF-8 text files (paths or glob patterns), one document each.
 - `huggingface`: a Hugging Face dataset (e.g. wikitext, TinyStories), with network access
   and the `hf` extra installed.
@@ -25,6 +28,8 @@ import warnings
 import zlib
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from polca_study.cache import write_atomic
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
@@ -43,16 +48,25 @@ class CorpusMissing(FileNotFoundError):
     pass
 
 
+def default_data_dir() -> Path:
+    """`POLCA_DATA_DIR`, else the user's data directory for polca-study."""
+    if os.environ.get("POLCA_DATA_DIR"):
+        return Path(os.environ["POLCA_DATA_DIR"])
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("polca-study", appauthor=False))
+
+
 def load_documents(
     source: str,
-    data_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None,
     files: list[str] | None = None,
     hf: dict | None = None,
     max_chars: int | None = None,
 ) -> list[str]:
     """The corpus as a list of documents (at most `max_chars` characters in all)."""
     if source == "austen":
-        docs = austen(Path(data_dir))
+        docs = austen(Path(data_dir) if data_dir else default_data_dir())
     elif source == "files":
         docs = read_files(files or [])
     elif source == "huggingface":
@@ -88,15 +102,18 @@ def fingerprint(docs: list[str]) -> str:
 
 
 def austen(data_dir: Path) -> list[str]:
+    """The six novels, fetched into `data_dir` on first use."""
     folder = data_dir / "austen"
     paths = [folder / f"{name}.txt" for name in AUSTEN_BOOKS]
-    missing = [p.name for p in paths if not p.exists()]
-    if missing:
-        raise CorpusMissing(
-            f"the offline corpus is not in {folder} (missing {missing}); fetch it with "
-            f"`make corpus` or `python -m polca_study.data.corpus --data-dir {data_dir}`, "
-            "or set dataset.data_dir (env POLCA_DATA_DIR) to where it is"
-        )
+    if not all(p.exists() for p in paths):
+        try:
+            fetch_austen(data_dir)
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+            raise CorpusMissing(
+                f"the offline corpus is not in {folder} and could not be fetched ({err}); run "
+                f"`polca-study-data fetch --data-dir {data_dir}`, or set dataset.data_dir "
+                "(env POLCA_DATA_DIR) to where it is"
+            ) from err
     return [p.read_text(encoding="utf-8") for p in paths]
 
 
@@ -141,13 +158,14 @@ def fetch_austen(data_dir: Path, deb: Path | None = None) -> Path:
     if all((folder / f"{n}.txt").exists() for n in AUSTEN_BOOKS):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    print(f"fetching the offline corpus into {folder} (once)", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         deb = deb or download_deb(AUSTEN_PACKAGE, tmp)
         subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "x")], check=True)
         root = tmp / "x/usr/lib/R/site-library/janeaustenr"
         books = read_r_lazyload(root / "data/Rdata")
-        for name in AUSTEN_BOOKS:
+        for name in tqdm(AUSTEN_BOOKS, desc="austen", unit="novel", file=sys.stderr):
             text = reflow(books[name])
             write_atomic(folder / f"{name}.txt", lambda p, text=text: p.write_text(text, encoding="utf-8"))
         shutil.copy(tmp / f"x/usr/share/doc/{AUSTEN_PACKAGE}/copyright", folder / "COPYRIGHT")
@@ -207,11 +225,16 @@ def huggingface(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Fetch the offline text corpus (Jane Austen).")
-    parser.add_argument("--data-dir", default=os.environ.get("POLCA_DATA_DIR", "data"))
-    parser.add_argument("--deb", type=Path, help=f"a downloaded {AUSTEN_PACKAGE} .deb")
+    """`polca-study-data fetch [--data-dir DIR] [--deb FILE]`."""
+    parser = argparse.ArgumentParser(prog="polca-study-data", description="The text study's offline data.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("fetch", help="fetch the offline corpus (Jane Austen's novels)")
+    fetch.add_argument(
+        "--data-dir", type=Path, default=None, help="default: $POLCA_DATA_DIR or the user data dir"
+    )
+    fetch.add_argument("--deb", type=Path, help=f"a downloaded {AUSTEN_PACKAGE} .deb")
     args = parser.parse_args(argv)
-    folder = fetch_austen(Path(args.data_dir), args.deb)
+    folder = fetch_austen(args.data_dir or default_data_dir(), args.deb)
     sizes = sum((folder / f"{n}.txt").stat().st_size for n in AUSTEN_BOOKS)
     print(f"{folder}: {len(AUSTEN_BOOKS)} novels, {sizes / 1e6:.1f} MB", file=sys.stderr)
 

@@ -37,8 +37,10 @@ class TextConfig:
     """The `dataset` group for text (`dataset=text`)."""
 
     name: str = "text"
-    source: str = "austen"  # austen (offline, fetched by `make`) | files | huggingface
-    data_dir: str = "${oc.env:POLCA_DATA_DIR,data}"  # where `make corpus` put the offline corpus
+    source: str = "austen"  # austen (offline, fetched on first use) | files | huggingface
+    # where the offline corpus is (fetched there on first use); None: $POLCA_DATA_DIR or
+    # the user's data directory
+    data_dir: str | None = None
     files: list[str] = field(default_factory=list)  # source=files: paths or globs of UTF-8 text
     hf_name: str | None = None  # source=huggingface: e.g. wikitext, roneneldan/TinyStories
     hf_config: str | None = None  # e.g. wikitext-103-raw-v1
