@@ -43,16 +43,19 @@ class SnapshotRecorder:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         self.directory, self.every, self.model, self.dtype = Path(directory), every, model, dtype
         self._writer: SnapshotWriter | None = None
+        self._last: int | None = None
 
     def step(self, module: nn.Module, step: int, force: bool = False) -> bool:
         """Write `module`'s trainable parameters at `step` if it is a multiple of `every`
-        (or `force`). Returns whether it wrote."""
-        if not force and step % self.every:
+        (or `force`), once: hooks that run every micro-batch (gradient accumulation) see
+        the same optimizer step several times. Returns whether it wrote."""
+        if not force and (step % self.every or step == self._last):
             return False
         if self._writer is None:
             info = self.model if self.model is not None else model_info(module)
             self._writer = SnapshotWriter(self.directory, parameters_of(module, self.dtype), info)
         self._writer.write(step, {n: p for n, p in module.named_parameters() if p.requires_grad})
+        self._last = step
         return True
 
     @property
