@@ -8,8 +8,8 @@ embeddings) and a Llama of the same width and depth with grouped-query attention
 (RMSNorm, SwiGLU, 2 key-value heads for 8 query heads); for each it takes `--batch`
 sequences of `--seq` tokens, and times, each `--repeats` times (median): a forward
 pass of the per-token losses; a Hessian-vector product of their sum (one gradient graph
-reused, as Lanczos does); and a decomposition over two intervals (`polca.decompose_trajectory`, as the study runs it: `path` reuses
-each checkpoint's terms for the next interval) along `--directions` directions for
+reused, as Lanczos does); and a decomposition over two intervals
+(`polca.decompose_trajectory`, as the study runs it: `path` reuses each checkpoint's terms for the next interval) along `--directions` directions for
 each second-order mode, divided by the two intervals. Prints milliseconds per token
 per direction for each, and the ratio to a forward pass, from which the README's
 estimate for a Pythia study is made. The first-order route is the one `route=auto`
