@@ -5,15 +5,16 @@
 Builds, from `transformers` configs (random weights, nothing downloaded), GPT-NeoX with
 Pythia-70m's configuration, a GPT-2 of the same width and depth (Conv1D layers, tied
 embeddings) and a Llama of the same width and depth with grouped-query attention
-(RMSNorm, SwiGLU, 2 key-value heads for 8 query heads); for each it takes `--batch`
-sequences of `--seq` tokens, and times, each `--repeats` times (median): a forward
-pass of the per-token losses; a Hessian-vector product of their sum (one gradient graph
-reused, as Lanczos does); and a decomposition over two intervals
-(`polca.decompose_trajectory`, as the study runs it: `path` reuses each checkpoint's terms for the next interval) along `--directions` directions for
-each second-order mode, divided by the two intervals. Prints milliseconds per token
-per direction for each, and the ratio to a forward pass, from which the README's
-estimate for a Pythia study is made. The first-order route is the one `route=auto`
-chooses for the model (logged with its reason).
+(RMSNorm, SwiGLU, 2 key-value heads for 8 query heads). For each it takes `--batch`
+sequences of `--seq` tokens and times, `--repeats` times (median):
+- a forward pass of the per-token losses;
+- a Hessian-vector product of their sum (one gradient graph reused, as Lanczos does);
+- a decomposition over two intervals along `--directions` directions for each
+  second-order mode (`polca.decompose_trajectory` as the study runs it, with the
+  first-order route `route=auto` chooses, logged with its reason), per interval and
+  direction.
+Costs are printed in forward passes of the same tokens, from which the README's
+estimate for a Pythia study is made.
 """
 
 from __future__ import annotations
