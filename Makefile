@@ -48,6 +48,7 @@ compare: install
 	$(COMPARE)
 	$(COMPARE) seed=200,201,202 cluster=paper
 	$(COMPARE) seed=200,201,202 dataset.carry_rate=0.08 method=lca,random_basis,shuffled_basis
+	$(VENV)/bin/polca-study-wandb multirun/studies/compare_methods --study-group tune_methods
 
 # POLCA's exact and paper second-order modes (about 6x the decomposition of path each)
 compare-modes: install

@@ -22,15 +22,15 @@ register()
 
 
 def job_info() -> dict:
-    """W&B grouping from the Hydra job: a multirun's jobs share a group (its sweep
-    directory) and carry their overrides as name and tags."""
+    """What tracking needs of the Hydra job: a multirun's jobs share one group (the
+    sweep's, see `tracking.group_name`); the overrides and the preset go in the config."""
     hc = HydraConfig.get()
-    overrides = list(hc.overrides.task)
     multirun = hc.mode == RunMode.MULTIRUN
     return {
-        "group": Path(hc.sweep.dir).as_posix().replace("/", "_") if multirun else None,
-        "name": ",".join(overrides) or "default",
-        "tags": ["multirun" if multirun else "run"],
+        "sweep_dir": hc.sweep.dir if multirun else None,
+        "multirun": multirun,
+        "overrides": list(hc.overrides.task),
+        "preset": hc.runtime.choices.get("experiment") or "default",
         "run_dir": hc.runtime.output_dir,
     }
 

@@ -238,6 +238,7 @@ def seeds_markdown(agg: pd.DataFrame, metrics: tuple[str, ...] = SEED_METRICS) -
     return wide.reset_index().to_markdown(index=False) + "\n"
 
 
+NO_PAIRS = f"No paired differences: pairing needs {_label(REFERENCE)} and another method on the same seeds."
 SUMMARY_METRICS = {
     "carry_recovery": "carry_recovery",
     "carry_recovery_excess": "excess over null",
@@ -266,6 +267,9 @@ def summary_markdown(frame: pd.DataFrame, agg: pd.DataFrame, paired: pd.DataFram
         table = pd.DataFrame(rows)
         table = table[["method", "seeds", *[n for n in SUMMARY_METRICS.values() if n in table]]]
         out += [f"### {context or 'all jobs'}", "", table.to_markdown(index=False), ""]
+        if paired.empty:
+            out += [NO_PAIRS, ""]
+            continue
         p = paired[
             (paired["context"] == context)
             & paired["metric"].isin(["carry_recovery", "carry_recovery_excess", "label_purity_excess"])
@@ -307,7 +311,9 @@ def write_comparison(sweep_dir: Path, logger_cfg: DictConfig | None = None) -> p
         agg.to_csv(sweep_dir / "seeds.csv", index=False)
         (sweep_dir / "seeds.md").write_text(seeds_markdown(agg))
         paired.to_csv(sweep_dir / "paired.csv", index=False)
-        (sweep_dir / "paired.md").write_text(paired.to_markdown(index=False, floatfmt=".3f") + "\n")
+        (sweep_dir / "paired.md").write_text(
+            paired.to_markdown(index=False, floatfmt=".3f") + "\n" if len(paired) else NO_PAIRS + "\n"
+        )
         (sweep_dir / "summary.md").write_text(summary_markdown(frame, agg, paired))
         tables.update(seeds=agg, paired=paired)
         log.info(
@@ -323,19 +329,19 @@ def write_comparison(sweep_dir: Path, logger_cfg: DictConfig | None = None) -> p
 def _log_wandb(tables: dict[str, pd.DataFrame], sweep_dir: Path, logger_cfg) -> None:
     from polca_study import tracking
 
-    group = logger_cfg.get("group") or Path(sweep_dir).as_posix().replace("/", "_")
+    group = tracking.group_name(logger_cfg, sweep_dir)
     tracker = tracking.start(
         logger_cfg,
-        {"sweep_dir": str(sweep_dir)},
+        {"sweep_dir": str(sweep_dir), "jobs": len(tables["comparison"])},
         Path(sweep_dir),
         group=group,
         job_type="comparison",
-        name=f"comparison-{Path(sweep_dir).name}",
+        name=f"{group}-comparison",
         tags=["comparison"],
     )
     try:
         for key, table in tables.items():
-            tracker.table(key, table.astype(str) if key == "comparison" else table)
+            tracker.table(key, table)  # numeric columns, intervals as ci_low/ci_high
     finally:
         tracker.finish()
 

@@ -15,6 +15,7 @@ import resource
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from polca_study import environment, tracking
 from polca_study.cache import StageCache, write_atomic
+from polca_study.charts import history_group, log_study_charts
 from polca_study.cluster import cluster_all
 from polca_study.config import Config, ConfigError, validate
 from polca_study.environment import pinned_threads
@@ -307,15 +309,14 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike = ".", job: dict | None = No
         env = environment.describe(threads, device)
         cache = StageCache(settings.cache_dir, set(settings.force), env)
         trial = study_trial()
-        config = {**OmegaConf.to_container(cfg, resolve=True), **trial}
         tracker = tracking.start(
             settings.logger,
-            config,
+            {**OmegaConf.to_container(cfg, resolve=True), **run_keys(settings, job), **trial},
             run_dir,
-            group=job.get("group"),
-            job_type=job.get("job_type", settings.method.name),
-            name=job.get("name"),
-            tags=job.get("tags", []),
+            group=tracking.group_name(settings.logger, job.get("sweep_dir")),
+            job_type="trial" if trial else ("job" if job.get("multirun") else "run"),
+            name=run_name(settings, trial),
+            tags=[],
         )
         failed = True
         try:
@@ -324,6 +325,34 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike = ".", job: dict | None = No
             return metrics
         finally:
             tracker.finish(failed=failed)
+
+
+def data_setting(cfg: Config) -> str:
+    """The training data in a word: the carry rate (uniform when null), or the corpus."""
+    dataset = cfg.dataset
+    if dataset.name == "arithmetic":
+        return "uniform" if dataset.carry_rate is None else f"carry{dataset.carry_rate:g}"
+    return getattr(dataset, "source", dataset.name)
+
+
+def run_name(cfg: Config, trial: dict) -> str:
+    """Short and meaningful: method, data setting, seed (and the trial in a study)."""
+    name = f"{cfg.method.name}-{data_setting(cfg)}-s{cfg.seed}"
+    return f"{name}-t{trial['optuna_trial']}" if trial else name
+
+
+def run_keys(cfg: Config, job: dict) -> dict:
+    """Flat config keys to filter and group runs by in the W&B UI (the full config is
+    there too, nested), and the command's overrides."""
+    return {
+        "preset": job.get("preset", "default"),
+        "task": cfg.dataset.name,
+        "method_name": cfg.method.name,
+        "data": data_setting(cfg),
+        "basis_kind": cfg.basis.kind,
+        "second_order": cfg.polca.second_order,
+        "overrides": job.get("overrides", []),
+    }
 
 
 def study_trial() -> dict:
@@ -350,11 +379,12 @@ def _run(
     labels = task.eval_split.labels
     with stage("train", timings, memory):  # or the snapshots of another source
         trained, train_key = source.prepare(task, cache, device, progress)
+    tracker.define_training_metrics()
     _log_history(tracker, trained.history, trained.train_loss)
     with stage("basis", timings, memory):
         basis, basis_key = stage_basis(cfg, task, source, trained, train_key, cache, device, progress)
     with stage("decompose", timings, memory):
-        traj, _ = stage_decompose(
+        traj, decompose_key = stage_decompose(
             cfg,
             task,
             source,
@@ -382,6 +412,7 @@ def _run(
                 device,
                 progress,
             )
+    keys = {"train": train_key, "basis": basis_key, "decompose": decompose_key}
     with stage("cluster+score", timings, memory):
         metrics, tables, assign, curves = analyse(cfg, task, cfg.method.name, traj, lca)
     table = tables["clusters"]
@@ -415,17 +446,32 @@ def _run(
             if cfg.figures
             else {}
         )
-        tracker.summary(_flat_summary(metrics))
+        tracker.summary(metrics)
         tracker.images(figures)
         tracker.table("clusters", table)
+        log_study_charts(tracker, task.skill, trained.history, traj, curves, assign, labels, table)
         if cfg.logger.log_artifacts and cfg.save_trajectories:
+            # named by the decomposition it holds, so a version means the same inputs
             tracker.artifact(
-                f"trajectories-{cfg.method.name}",
+                f"trajectories-{cfg.method.name}-{keys['decompose']}",
                 "trajectories",
                 [run_dir / "trajectories.parquet", run_dir / "clusters.csv"],
+                metadata={"cache_keys": keys, "stages": stage_specs(cfg), "run": run_name(cfg, {})},
             )
     log.info(task.headline(metrics, run_dir))
     return metrics
+
+
+def stage_specs(cfg: Config) -> dict:
+    """The configs of the cached stages a decomposition comes from."""
+    return {
+        "dataset": asdict(cfg.dataset),
+        "model": asdict(cfg.model),
+        "train": asdict(cfg.train),
+        "snapshots": asdict(cfg.snapshots),
+        "basis": asdict(cfg.basis),
+        "polca": asdict(cfg.polca),
+    }
 
 
 def _log_history(tracker, history: pd.DataFrame, train_loss: pd.DataFrame | None) -> None:
@@ -437,25 +483,22 @@ def _log_history(tracker, history: pd.DataFrame, train_loss: pd.DataFrame | None
     for step, rows in history.groupby("step"):
         w = rows.tokens
         data = {
+            tracking.STEP: int(step),
             "eval/loss": float(np.average(rows.loss, weights=w)),
             "eval/accuracy": float(np.average(rows.accuracy, weights=w)),
         }
         if step in train:
             data["train/loss"] = train[step]
-        for r in rows.itertuples():
-            tag = r.tag if "tag" in rows else f"{r.place}_{'carry' if r.carry else 'nocarry'}"
-            data[f"eval_loss/{tag}"] = r.loss
-            data[f"eval_accuracy/{tag}"] = r.accuracy
+        for _, r in rows.iterrows():
+            group = history_group(r).replace(" ", "_")
+            data[f"eval_loss/{group}"] = r.loss
+            data[f"eval_accuracy/{group}"] = r.accuracy
         tracker.log(data, step=int(step))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a name
         np.save(f, array)
-
-
-def _flat_summary(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
 
 
 def _jsonable(x):

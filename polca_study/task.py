@@ -57,6 +57,8 @@ class Task:
     # (figures dir, history, curves, assign, labels, table) -> {name: png path}
     figures: Callable
     headline: Callable[[dict, Path], str]  # (metrics, run dir) -> the run's one-line result
+    # (evaluation labels) -> the skill category of each token, for composition charts
+    skill: Callable[[pd.DataFrame], pd.Series]
     # (run dir, metrics, tables, tracker) -> None: files and W&B tables besides clusters.csv
     write_outputs: Callable = lambda run_dir, metrics, tables, tracker: None
 
@@ -91,6 +93,7 @@ def arithmetic_task(dataset, cache=None) -> Task:
         data=data,
         score=score_arithmetic,
         figures=report.arithmetic_figures,
+        skill=lambda labels: labels["place"].astype(str) + np.where(labels["carry"], " carry", " no carry"),
         headline=lambda m, run_dir: (
             f"carry_recovery {m['carry_recovery']:.3f}, top carry homogeneity "
             f"{[round(r['carry_homogeneity'], 3) for r in m['top_carry']]}, coverage {m['coverage']:.2f}"
@@ -120,6 +123,7 @@ def text_task(dataset, cache=None) -> Task:
         data=data,
         score=score_text,
         figures=report.text_figures,
+        skill=lambda labels: labels["tag_w0"].astype(str),
         headline=lambda m, run_dir: (
             f"simply-labelled fraction {m['simply_labelled_fraction']:.3f} (null mean "
             f"{m.get('simply_labelled_fraction_null_mean', float('nan')):.3f}), label purity "

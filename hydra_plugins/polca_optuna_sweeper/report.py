@@ -93,9 +93,9 @@ def _log_wandb(study, result: dict, figures: dict, config: DictConfig) -> None:
 
     tracker = tracking.start(
         logger,
-        {"study": study.study_name, "direction": study.direction.name},
+        {"study": study.study_name, "direction": study.direction.name, "storage": result["storage"]},
         Path(config.hydra.sweep.dir),
-        group=study.study_name,
+        group=tracking.group_name(logger, config.hydra.sweep.dir),
         job_type="study",
         name=f"{study.study_name}-summary",
         tags=["study"],
@@ -103,7 +103,6 @@ def _log_wandb(study, result: dict, figures: dict, config: DictConfig) -> None:
     try:
         tracker.table("trials", trials_table(study))
         tracker.images({f"study_{k}": p for k, p in figures.items()})
-        tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float, str))})
-        tracker.summary({"best_params": result.get("best_params", {})})
+        tracker.summary(result)  # best value and parameters, importances, counts
     finally:
         tracker.finish()
