@@ -711,7 +711,10 @@ class ModuleLoss:
             )
             return "forward"
         S, P = self.positions()
-        inputs = next(iter(self.batch.values())) if isinstance(self.batch, dict) else self.batch
+        if isinstance(self.batch, dict):  # our tasks' "inputs", a causal LM's "input_ids"
+            inputs = self.batch.get("inputs", self.batch.get("input_ids", next(iter(self.batch.values()))))
+        else:
+            inputs = self.batch
         T = inputs.shape[1] if inputs.ndim > 1 else 1
         reverse = 1 + P * (_BACKWARD_COST + m / (2 * T))
         route = "reverse" if reverse < _JVP_COST * m else "forward"
