@@ -119,3 +119,24 @@ def test_schema_defaults_are_the_default_run():
         elif composed[key] != value:
             differ[key] = (value, composed[key])
     assert differ == {}
+
+
+def test_relative_paths_resolve_against_where_the_command_ran(tmp_path):
+    from omegaconf import OmegaConf
+
+    from polca_study.cli import resolve_paths
+
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    cfg = OmegaConf.create(
+        {
+            "cache_dir": ".cache/polca_study",
+            "dataset": {"data_dir": "data", "files": ["corpus/*.txt", "/abs/x.txt"]},
+            "snapshots": {"path": "runs/mine", "tokenizer": "EleutherAI/pythia-70m"},
+        }
+    )
+    resolve_paths(cfg, str(tmp_path))
+    assert cfg.cache_dir == str(tmp_path / ".cache/polca_study")
+    assert cfg.dataset.data_dir == str(tmp_path / "data")
+    assert cfg.dataset.files == [str(tmp_path / "corpus/*.txt"), "/abs/x.txt"]
+    assert cfg.snapshots.path == str(tmp_path / "runs/mine")  # exists there: a path
+    assert cfg.snapshots.tokenizer == "EleutherAI/pythia-70m"  # does not: a hub id

@@ -116,3 +116,45 @@ def test_flat_summary_and_numeric_frames():
     assert frame["x"].dtype == float and np.isnan(frame["x"][1])
     assert frame["y"][0] == "a" and pd.isna(frame["y"][1]) and frame["y"][2] == "b"
     assert frame["z"].tolist() == ["[1]", "[2]", "[3]"]
+
+
+def test_trials_and_their_runs_lead_to_each_other(tmp_path, env):
+    import optuna
+
+    sweep = tmp_path / "study_sweep"
+    overrides = [
+        "-m",
+        "experiment=tiny",
+        "+sweep=tiny_clustering",
+        "logger=offline",
+        "num_threads=1",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    polca(overrides, env)
+    study = optuna.load_study(study_name="tiny_clustering", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    for trial in study.trials:
+        job = sweep / str(trial.number)
+        state = run_state(job)
+        assert trial.user_attrs["job_dirs"] == [str(job)]
+        assert trial.user_attrs["wandb_runs"] == [f"polca-study/{state['run']['run_id']}"]
+        assert state["config"]["optuna_study"] == "tiny_clustering"
+        assert state["config"]["optuna_trial"] == trial.number
+        assert state["run"]["job_type"] == "trial"
+        assert state["run"]["display_name"] == f"polca-carry0.08-s0-t{trial.number}"
+        assert state["run"]["run_group"] == "study_sweep"
+    # the study's summary run, in the same group, with a numeric trials table
+    summaries = [d for d in (sweep / "wandb").glob("offline-run-*")]
+    states = [run_state_of(d) for d in summaries]
+    (summary,) = [s for s in states if s["run"]["job_type"] == "study"]
+    assert summary["run"]["run_group"] == "study_sweep"
+    assert summary["summary"]["trials_complete"] == 2
+    assert "best_params/cluster.min_cluster_size" in summary["summary"]
+
+
+def run_state_of(wandb_dir: Path) -> dict:
+    """run_state of one offline run directory (a sweep directory holds several)."""
+    holder = wandb_dir.parent.parent / f".{wandb_dir.name}"
+    (holder / "wandb").mkdir(parents=True)
+    (holder / "wandb" / wandb_dir.name).symlink_to(wandb_dir)
+    return run_state(holder)
