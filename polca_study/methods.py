@@ -21,23 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass
-class Decomposition:
-    """The decompose stage's result, per evaluation token: POLCA (n, T, m) in the run's
-    mode and its first-order part, losses (n, T+1) and `<b, ∇L(x;θ_t)>` (n, T+1, m) at
-    every evaluation step (T+1,); in "exact" mode also the exact and the paper's
-    second-order terms (n, T, m). Along LCA's coordinates, `parameters` holds their flat
-    indices (the columns)."""
-
-    polca: np.ndarray
-    first_order: np.ndarray
-    losses: np.ndarray
-    grads: np.ndarray
-    steps: np.ndarray
-    exact_second: np.ndarray | None = None
-    paper_second: np.ndarray | None = None
-    parameters: np.ndarray | None = None
+from polca_study.polca import Decomposition
 
 
 @dataclass

@@ -29,10 +29,11 @@ from polca_study.charts import history_group, log_study_charts
 from polca_study.cluster import cluster_all
 from polca_study.config import Config, ConfigError, validate
 from polca_study.environment import pinned_threads
-from polca_study.methods import METHODS, Decomposition, method_curves, rising_vectors
+from polca_study.methods import METHODS, method_curves, rising_vectors
 from polca_study.polca import (
     Basis,
     Coordinates,
+    Decomposition,
     ModuleLoss,
     SecondOrderError,
     build_basis,
@@ -190,9 +191,8 @@ def stage_decompose(
             route=cfg.polca.route,
             progress=progress,
         )
-        out = {k: (v.cpu().numpy() if v is not None else None) for k, v in vars(traj).items()}
         parameters = vectors.indices.numpy() if isinstance(vectors, Coordinates) else None
-        return Decomposition(**out, steps=steps, parameters=parameters)
+        return traj.numpy(steps, parameters)
 
     return cache.get_or_compute(name, spec, compute, Decomposition)
 

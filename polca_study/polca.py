@@ -173,6 +173,35 @@ def hessian_vector_product(loss_fn: LossFn, theta: Tensor) -> Callable[[Tensor],
     return hvp
 
 
+class ProjectedHessian(LinearOperator):
+    """`P H(θ) P`, P = I − B Bᵀ with B (d, j) orthonormal: the operator Lanczos sees at a
+    basis checkpoint, as a scipy `LinearOperator` on float64 vectors (H never formed:
+    Hessian-vector products by double backward through one gradient graph). `apply` is
+    the same on tensors; `products` counts the Hessian-vector products."""
+
+    def __init__(self, loss_fn: LossFn, theta: Tensor, found: Tensor):
+        d = theta.shape[0]
+        super().__init__(dtype=np.float64, shape=(d, d))
+        self.hvp = hessian_vector_product(loss_fn, theta)
+        self.found = found
+        self.products = 0
+        self._dtype, self._device = theta.dtype, theta.device
+
+    def project(self, x: Tensor) -> Tensor:
+        return x - self.found @ (self.found.T @ x) if self.found.shape[1] else x
+
+    def apply(self, v: Tensor) -> Tensor:
+        self.products += 1
+        return self.project(self.hvp(self.project(v)))
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self._dtype, device=self._device)
+        return self.apply(v).double().cpu().numpy()
+
+    def _adjoint(self) -> ProjectedHessian:
+        return self  # symmetric
+
+
 def build_basis(
     loss_fn: LossFn,
     checkpoints: Sequence[Tensor],
@@ -211,20 +240,10 @@ def build_basis(
     eigenvalues, residuals, origin = [], [], []
     hvps = 0
 
-    def project(x: Tensor) -> Tensor:
-        return x - found @ (found.T @ x) if found.shape[1] else x
-
     for index, theta in enumerate(tqdm(checkpoints, desc="basis", disable=not progress)):
         _check_vector(f"checkpoints[{index}]", theta, like=first)
-        hvp = hessian_vector_product(loss_fn, theta)
-
-        def matvec(x: np.ndarray, hvp=hvp) -> np.ndarray:
-            nonlocal hvps
-            hvps += 1
-            v = project(torch.as_tensor(x.reshape(-1), dtype=dtype, device=device))
-            return project(hvp(v)).double().cpu().numpy()
-
-        operator = LinearOperator((d, d), matvec=matvec, dtype=np.float64)
+        operator = ProjectedHessian(loss_fn, theta, found)
+        project = operator.project
         v0 = project(torch.as_tensor(rng.standard_normal(d), dtype=dtype, device=device))
         try:
             vals, vecs = eigsh(
@@ -249,9 +268,10 @@ def build_basis(
             new, _ = torch.linalg.qr(new)
         new = new * torch.sign(new.sum(0, keepdim=True) + 1e-30)  # deterministic sign
         lam = torch.as_tensor(vals[order].copy(), dtype=dtype, device=device)
+        hvps += operator.products  # Lanczos's products; the residual checks below are extra
         for j in range(k):
             v = new[:, j]
-            hv = project(hvp(project(v)))
+            hv = project(operator.hvp(project(v)))
             residuals.append(float(torch.linalg.norm(hv - lam[j] * v) / lam[j].abs().clamp_min(1e-30)))
         found = torch.cat([found, new], dim=1)
         eigenvalues.append(lam)
@@ -462,7 +482,7 @@ def _combine(
     if mode == "none":
         return first
     if mode == "exact":
-        return first + 0.5 * now.curvatures * step**2
+        return first + _exact_second(now, step)
     if mode == "path":
         return 0.5 * (now.grads + nxt.grads) * step
     return first + _paper_second(now, nxt, step, aggregate)
@@ -485,39 +505,51 @@ def decompose(
     - "paper": <b, g(x)> <b, Δθ> + ½ λ_t(X,b) <b,Δθ>² <g_{t+1}(x) − g_t(x), b> / <g_{t+1}(X) − g_t(X), b>
     - "path":  ½ (<b, g(x)> + <b, ∇L(x; θ_next)>) <b, Δθ>   (trapezoid rule along the step)
     `route` picks how first-order terms are computed: "forward", "reverse" or "auto".
+    The one-step case of `decompose_trajectory` (one implementation of the modes).
     """
-    _check_mode(second_order)
-    _check_route(route)
     _check_vector("theta_t", theta_t)
     _check_vector("theta_next", theta_next, like=theta_t)
-    _check_vectors(vectors, theta_t)
-    step = project(vectors, theta_next - theta_t)  # (m,)
-    now = _terms(per_example_loss_fn, theta_t, vectors, second_order == "exact", route)
-    nxt = aggregate = None
-    if second_order in ("paper", "path"):
-        nxt = _terms(per_example_loss_fn, theta_next, vectors, False, route)
-    if second_order == "paper":
-        aggregate = aggregate_curvature(per_example_loss_fn, theta_t, vectors)
-    return _combine(second_order, now, nxt, step, aggregate)
+    trajectory = decompose_trajectory(
+        per_example_loss_fn, [theta_t, theta_next], vectors, second_order, route=route, progress=False
+    )
+    return trajectory.polca[:, 0]
 
 
 @dataclass
-class Trajectory:
-    """POLCA over a run of T steps between T+1 checkpoints.
+class Decomposition:
+    """POLCA over a run of T steps between T+1 checkpoints, per evaluation example.
 
     polca: (n, T, m) in the requested mode; first_order: (n, T, m) its first-order part;
     losses: (n, T+1) and grads: (n, T+1, m) `<b, ∇L(x;θ_t)>` at every checkpoint.
     In "exact" mode also exact_second and paper_second (n, T, m): the exact second-order
     term and the paper's approximation of it (λ(X,b) = Σ_x bᵀH(x)b, free from the exact
-    per-token curvatures), so the approximation's error can be measured.
+    per-token curvatures), so the approximation's error can be measured. The study's
+    decompose stage stores it as numpy arrays with the checkpoints' `steps` (T+1,) and,
+    along LCA's coordinates, the flat indices of its `parameters` (the columns).
     """
 
-    polca: Tensor
-    first_order: Tensor
-    losses: Tensor
-    grads: Tensor
-    exact_second: Tensor | None = None
-    paper_second: Tensor | None = None
+    polca: Tensor | np.ndarray
+    first_order: Tensor | np.ndarray
+    losses: Tensor | np.ndarray
+    grads: Tensor | np.ndarray
+    exact_second: Tensor | np.ndarray | None = None
+    paper_second: Tensor | np.ndarray | None = None
+    steps: np.ndarray | None = None
+    parameters: np.ndarray | None = None
+
+    def numpy(self, steps: np.ndarray, parameters: np.ndarray | None = None) -> Decomposition:
+        """The same on the CPU as numpy arrays, with the checkpoints' steps."""
+        arrays = {
+            k: (v.cpu().numpy() if isinstance(v, Tensor) else v)
+            for k, v in vars(self).items()
+            if k not in ("steps", "parameters")
+        }
+        return Decomposition(**arrays, steps=np.asarray(steps), parameters=parameters)
+
+
+def _exact_second(now: StepTerms, step: Tensor) -> Tensor:
+    """½ bᵀH_t(x)b <Δθ,b>² (n, m)."""
+    return 0.5 * now.curvatures * step**2
 
 
 def _paper_second(now: StepTerms, nxt: StepTerms, step: Tensor, aggregate: Tensor) -> Tensor:
@@ -537,7 +569,7 @@ def decompose_trajectory(
     *,
     route: str = "auto",
     progress: bool = True,
-) -> Trajectory:
+) -> Decomposition:
     """Decompose every step between consecutive `checkpoints` (T+1 vectors, T steps).
 
     Directional derivatives at θ_{t+1} are computed once and reused as θ_t's for the
@@ -563,24 +595,20 @@ def decompose_trajectory(
         nxt = _terms(per_example_loss_fn, theta_next, vectors, exact, route)
         step = project(vectors, theta_next - theta)  # (m,)
         first.append(now.grads * step)
-        if second_order == "paper":
+        aggregate = None
+        if second_order == "paper":  # λ_t(X, b) of the summed loss, by double backward
             aggregate = aggregate_curvature(per_example_loss_fn, theta, vectors)
-            polca.append(first[-1] + _paper_second(now, nxt, step, aggregate))
-        elif second_order == "path":
-            polca.append(0.5 * (now.grads + nxt.grads) * step)
-        elif exact:
-            exact_second.append(0.5 * now.curvatures * step**2)
+        polca.append(_combine(second_order, now, nxt, step, aggregate))
+        if exact:  # the paper's approximation beside it, from the exact curvatures' sum
+            exact_second.append(_exact_second(now, step))
             paper_second.append(_paper_second(now, nxt, step, now.curvatures.sum(0)))
-            polca.append(first[-1] + exact_second[-1])
-        else:
-            polca.append(first[-1])
         losses.append(nxt.losses)
         grads.append(nxt.grads)
         theta, now = theta_next, nxt
         bar.update()
     bar.close()
     stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731
-    return Trajectory(
+    return Decomposition(
         polca=stack(polca),
         first_order=stack(first),
         losses=torch.stack(losses, dim=1),

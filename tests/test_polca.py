@@ -1,5 +1,6 @@
 """The POLCA core against independent computations: brute-force autograd and closed forms."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -8,10 +9,12 @@ from polca_study.model import ModelConfig, Transformer
 from polca_study.polca import (
     Coordinates,
     ModuleLoss,
+    ProjectedHessian,
     build_basis,
     decompose,
     decompose_trajectory,
     flatten_parameters,
+    hessian_vector_product,
 )
 
 MODES = ["none", "exact", "paper", "path"]
@@ -149,6 +152,28 @@ def spectrum_problem(d=12, seed=0):
     eig = torch.tensor([9.0, 7.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.0, 0.5, -1.0, -2.0])
     A = Q @ torch.diag(eig) @ Q.T
     return (lambda t: 0.5 * t @ A @ t), Q, eig
+
+
+def test_hessian_vector_products_and_the_projected_operator_match_a_dense_hessian():
+    """Against the dense Hessian of a nonlinear loss (torch.autograd.functional.hessian,
+    float64), as curvlinops tests its operators: every column of the operator's matrix."""
+    loss_fn, theta, _, _ = mlp_problem(seed=3)
+    total = lambda t: loss_fn(t).sum()  # noqa: E731
+    d = theta.numel()
+    H = torch.autograd.functional.hessian(total, theta)
+    hvp = hessian_vector_product(total, theta)
+    identity = torch.eye(d)
+    torch.testing.assert_close(torch.stack([hvp(e) for e in identity], 1), H, rtol=1e-10, atol=1e-12)
+
+    B, _ = torch.linalg.qr(torch.randn(d, 3, generator=torch.Generator().manual_seed(1)))
+    P = identity - B @ B.T
+    operator = ProjectedHessian(total, theta, B)
+    dense = operator.matmat(identity.numpy())  # the LinearOperator scipy's eigsh sees
+    torch.testing.assert_close(torch.as_tensor(dense), P @ H @ P, rtol=1e-10, atol=1e-12)
+    assert operator.products == d
+    np.testing.assert_allclose(operator.T.matmat(identity.numpy()), dense, rtol=1e-12)
+    # B's directions are in its null space
+    torch.testing.assert_close(operator.apply(B[:, 0]), torch.zeros(d), rtol=0, atol=1e-12)
 
 
 def test_build_basis_recovers_known_top_eigenvectors_in_order():
