@@ -45,16 +45,54 @@ def tiny_overrides(tmp_path):
     ]
 
 
+# Where W&B, Hugging Face and matplotlib keep their state: under the test session's
+# temporary directory, never the user's home.
+PRIVATE_DIRS = {
+    "WANDB_DIR": "wandb",
+    "WANDB_DATA_DIR": "wandb-data",
+    "WANDB_CACHE_DIR": "wandb-cache",
+    "WANDB_CONFIG_DIR": "wandb-config",
+    "HF_HOME": "huggingface",
+    "MPLCONFIGDIR": "matplotlib",
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("state")
+    patch = pytest.MonkeyPatch()
+    for variable, name in PRIVATE_DIRS.items():
+        patch.setenv(variable, str(root / name))
+    patch.setenv("POLCA_DATA_DIR", str(DATA_DIR.resolve()))
+    yield root
+    patch.undo()
+
+
 @pytest.fixture
 def env(tmp_path):
+    """The environment of a polca-study subprocess: offline W&B, the cache in tmp_path,
+    and an empty HOME of its own (tests check nothing is written there)."""
     e = dict(os.environ)
     e.update(
         {
-            "WANDB_API_KEY": "",
             "WANDB_SILENT": "true",
             "POLCA_CACHE_DIR": str(tmp_path / "cache"),
             "HYDRA_FULL_ERROR": "0",
+            "HOME": str(tmp_path / "home"),
         }
     )
-    e.pop("WANDB_API_KEY")
+    e.pop("WANDB_API_KEY", None)
+    (tmp_path / "home").mkdir(exist_ok=True)
     return e
+
+
+@pytest.fixture(autouse=True)
+def default_dtype_is_restored():
+    """Every test leaves torch's default dtype as it found it (float32): a float64 test
+    that leaked would silently change the precision of every test after it."""
+    import torch
+
+    yield
+    leaked = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    assert leaked == torch.float32, f"the test left torch's default dtype at {leaked}"

@@ -114,7 +114,11 @@ def test_causal_lm_loss_is_the_next_token_loss_in_flatten_order():
     torch.testing.assert_close(loss_fn(moved), want)
 
 
-@pytest.mark.parametrize("arch", MODELS)
+# GPT-2 in the fast tier; the others (about 40 s together) with the slow tests
+ARCHS = [pytest.param(a, marks=() if a == "gpt2" else pytest.mark.slow) for a in MODELS]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_and_route_matches_per_token_brute_force(arch, mode):
     model = MODELS[arch](seed=2)

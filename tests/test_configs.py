@@ -80,12 +80,6 @@ def test_cli_fails_fast_with_a_clear_message(override, message, tmp_path, env):
     assert not (tmp_path / "run" / "wandb").exists()
 
 
-def test_no_test_module_changes_the_default_dtype_for_the_session():
-    import torch
-
-    assert torch.get_default_dtype() == torch.float32
-
-
 def test_schema_defaults_are_the_default_run():
     """The dataclasses' defaults and the default YAML cannot drift apart: reading
     config.py gives the settings of a plain `polca-study` run."""

@@ -117,7 +117,6 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
         "filter_carry_rate_max",
         "aggregate_breakthrough_step",
     } <= set(summary)
-    assert not any(k.startswith("null_") for k in summary)
     # each job is a W&B run in the comparison's group, with its seed and method
     records = json.dumps(wandb_records(job))
     assert "compare_methods" in records and '"seed"' in records and '"method"' in records

@@ -43,6 +43,7 @@ def logged_table(run_dir: Path, key: str) -> pd.DataFrame:
 def test_a_seed_multirun_of_one_method_is_grouped_named_and_compared(tmp_path, tiny_overrides, env):
     sweep = tmp_path / "seeds_sweep"
     polca(["-m", *tiny_overrides, "seed=0,1", f"hydra.sweep.dir={sweep}"], env)
+    assert not list(Path(env["HOME"]).rglob("*")), "a run wrote into the user's home"
     # the comparison of a one-method seed multirun: tables, and it says why nothing is paired
     assert (sweep / "seeds.md").exists()
     assert "No paired differences" in (sweep / "summary.md").read_text()
