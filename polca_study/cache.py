@@ -32,20 +32,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from polca_study.atomic import write_atomic
+
 log = logging.getLogger(__name__)
 # Bump when a stage's computation changes, so old entries are not reused.
 CODE_VERSION = {"train": 2, "basis": 2, "decompose": 2, "trajectories": 2}
 # Stages that `force=[<name>]` recomputes besides the one of that name: LCA's
 # per-parameter decomposition ("trajectories") is a decomposition too.
 FORCE_ALSO = {"decompose": {"trajectories"}}
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write a file through a temporary file renamed into place: readers never see half
-    of it, and a killed writer leaves the old file (or none)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def stage_key(stage: str, spec: dict) -> str:

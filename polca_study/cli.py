@@ -57,7 +57,7 @@ def resolve_paths(cfg: DictConfig, cwd: str) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
+def study(cfg: DictConfig) -> float:
     from polca_study.data.corpus import CorpusMissing
     from polca_study.pipeline import run
 
@@ -82,6 +82,19 @@ def main(cfg: DictConfig) -> float:
     if value is None or not math.isfinite(value):
         raise RuntimeError(f"the run produced no finite {objective}: {value!r}")
     return float(value)
+
+
+def main() -> None:
+    """The `polca-study` command: the command line is checked first, every job of a
+    multirun included, so a bad setting is one line (with a "did you mean") before any
+    job starts; then Hydra runs the study."""
+    from polca_study.preflight import check_command_line
+
+    problem = check_command_line(sys.argv[1:])
+    if problem:
+        print(f"polca-study: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    study()
 
 
 if __name__ == "__main__":

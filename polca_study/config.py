@@ -128,7 +128,9 @@ def register() -> None:
 
 def _choice(path: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(f"{path} must be one of {list(allowed)}, got {value!r}")
+        raise ConfigError(
+            f"{path} must be one of {list(allowed)}, got {value!r}{did_you_mean(value, allowed)}"
+        )
 
 
 def _at_least(path: str, value: float, low: float) -> None:
@@ -167,8 +169,46 @@ def _validate_dataset(d) -> None:
         _at_least("dataset.max_chars", d.max_chars, 1)
 
 
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys no schema knows (a `+key=value` appended with a typo), each with the keys its
+    node does know: [(dotted key, known keys of that node)]."""
+    import dataclasses
+
+    out = []
+    schema = OmegaConf.get_type(cfg)
+    known = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if not prefix and key == "hydra":  # Hydra's own node (present in a job's config)
+            continue
+        if known is not None and key not in known:
+            out.append((path, known))
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            out += unknown_keys(node, f"{path}.")
+    return out
+
+
+def did_you_mean(word: str, options) -> str:
+    """' (did you mean x?)' for the closest option, or ''."""
+    import difflib
+
+    options = [str(o) for o in options]
+    # compare leaf with leaf (cluster.min_cluster_siz with cluster.min_cluster_size)
+    leaves = {o.rpartition(".")[2]: o for o in options}
+    close = difflib.get_close_matches(str(word).rpartition(".")[2], list(leaves), n=1, cutoff=0.6)
+    return f" (did you mean {leaves[close[0]]}?)" if close else ""
+
+
 def validate(cfg: DictConfig) -> Config:
     """Check every value a run depends on; return the typed config. Raises ConfigError."""
+    strays = unknown_keys(cfg)
+    if strays:
+        path, known = strays[0]
+        parent, _, leaf = path.rpartition(".")
+        hint = did_you_mean(leaf, [f"{parent}.{k}" if parent else k for k in known])
+        raise ConfigError(f"{path} is not a setting of polca-study{hint}")
     try:
         obj: Config = OmegaConf.to_object(cfg)  # runs ModelConfig.__post_init__ checks
     except Exception as err:  # OmegaConf wraps __post_init__'s ValueError with its context

@@ -141,8 +141,5 @@ class Transformer(nn.Module):
             x = block(x)
         return self.unembed(self.ln_f(x))
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def config_dict(self) -> dict:
         return asdict(self.cfg)

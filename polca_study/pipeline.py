@@ -24,7 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from polca_study import environment, tracking
-from polca_study.cache import StageCache, write_atomic
+from polca_study.atomic import write_atomic
+from polca_study.cache import StageCache
 from polca_study.charts import history_group, log_study_charts
 from polca_study.cluster import cluster_all
 from polca_study.config import Config, ConfigError, validate

@@ -34,6 +34,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
+from polca_study.atomic import write_bytes_atomic
+
 FORMAT = "polca-snapshots"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -118,7 +120,7 @@ class SnapshotWriter:
         blob = canonical_safetensors(
             save_safetensors(tensors, metadata={"format": FORMAT, "step": str(int(step))})
         )
-        _write_atomic(self.directory / name, blob)
+        write_bytes_atomic(self.directory / name, blob)
         entry = {"step": int(step), "file": name, "sha256": hashlib.sha256(blob).hexdigest()}
         self.snapshots = [s for s in self.snapshots if s["step"] != int(step)] + [entry]
         self.snapshots.sort(key=lambda s: s["step"])
@@ -161,7 +163,7 @@ class SnapshotWriter:
             "model": self.model,
             "snapshots": self.snapshots,
         }
-        _write_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+        write_bytes_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 class SnapshotStore:
@@ -204,10 +206,6 @@ class SnapshotStore:
         state = self.state(step)
         flat = torch.cat([state[p.name].reshape(-1) for p in self.parameters])
         return flat.to(device=device, dtype=dtype or flat.dtype)
-
-    def gather(self, step: int, indices: np.ndarray) -> Tensor:
-        """Entries `indices` of the flat parameter vector at `step` (len(indices),)."""
-        return self.flat(step)[torch.as_tensor(np.asarray(indices), dtype=torch.long)]
 
     def sequence(self, steps: Sequence[int], dtype=None, device=None) -> LazySnapshots:
         missing = [int(s) for s in steps if int(s) not in self._entries]
@@ -270,12 +268,3 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r} in a snapshot store")
     return dtype
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from polca_study.cache import write_atomic
+from polca_study.atomic import write_atomic
 from polca_study.cluster import features
 from polca_study.cluster_labels import (
     best_label_purity,
@@ -51,7 +51,6 @@ class Task:
     evaluate: Callable  # (model, split) -> learning-curve record (dict of lists)
     groups: np.ndarray  # (n,) group of each evaluation token for cluster.grouping=place
     objective: str  # the metric a search maximises
-    data: Any  # the dataset object
     # (cfg, assign, curves, labels, columns) -> (cluster table, metrics, further tables)
     score: Callable
     # (figures dir, history, curves, assign, labels, table) -> {name: png path}
@@ -90,7 +89,6 @@ def arithmetic_task(dataset, cache=None) -> Task:
         evaluate=arithmetic.evaluate,
         groups=split.labels["place"].astype(str).to_numpy(),
         objective="carry_recovery_excess",
-        data=data,
         score=score_arithmetic,
         figures=report.arithmetic_figures,
         skill=lambda labels: labels["place"].astype(str) + np.where(labels["carry"], " carry", " no carry"),
@@ -120,7 +118,6 @@ def text_task(dataset, cache=None) -> Task:
         # text has no digit places: grouping=place clusters all tokens together
         groups=np.zeros(len(split.labels), dtype=int),
         objective="label_purity_excess",
-        data=data,
         score=score_text,
         figures=report.text_figures,
         skill=lambda labels: labels["tag_w0"].astype(str),

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from polca_study.cache import write_atomic
+from polca_study.atomic import write_atomic
 from polca_study.snapshots import SnapshotStore, SnapshotWriter
 
 

@@ -27,7 +27,7 @@ import optuna
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from polca_study.cache import write_atomic
+from polca_study.atomic import write_atomic
 from polca_study.cli import CONF_DIR
 from polca_study.methods import METHODS
 

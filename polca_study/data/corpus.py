@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from polca_study.cache import write_atomic
+from polca_study.atomic import write_atomic
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_BOOKS = (
