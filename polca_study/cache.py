@@ -36,10 +36,10 @@ from polca_study.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 # Bump when a stage's computation changes, so old entries are not reused.
-CODE_VERSION = {"train": 2, "basis": 2, "decompose": 2, "trajectories": 2}
+CODE_VERSION = {"train": 2, "basis": 2, "decompose": 2, "lca": 2}
 # Stages that `force=[<name>]` recomputes besides the one of that name: LCA's
-# per-parameter decomposition ("trajectories") is a decomposition too.
-FORCE_ALSO = {"decompose": {"trajectories"}}
+# per-parameter decomposition (stage "lca") is a decomposition too.
+FORCE_ALSO = {"decompose": {"lca"}}
 
 
 def stage_key(stage: str, spec: dict) -> str:

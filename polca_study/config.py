@@ -251,6 +251,11 @@ def validate(cfg: DictConfig) -> Config:
     if len(c.window) != 2:
         raise ConfigError(f"cluster.window must be [start, stop] evaluation indices, got {c.window}")
     _choice("method.name", obj.method.name, METHODS)
+    needs = methods.METHODS[obj.method.name].basis
+    if needs is not None and obj.basis.kind != needs:
+        raise ConfigError(
+            f"method.name={obj.method.name} is POLCA along a {needs} basis: basis.kind must be {needs}"
+        )
     if not 0.5 <= obj.score.homogeneity_threshold <= 1:
         raise ConfigError("score.homogeneity_threshold must be in [0.5, 1]")
     # the objectives are measured against their permutation null

@@ -37,6 +37,7 @@ class Method:
     curves: Callable[[Decomposition, Decomposition | None], MethodCurves]  # (decomposition, LCA's)
     per_parameter: bool = False  # needs the decomposition along LCA's parameters
     basis_columns: bool = False  # one column per basis vector (rising vectors are dropped)
+    basis: str | None = None  # the basis kind the method is defined on (None: any)
 
 
 def _cumulative(values: np.ndarray) -> np.ndarray:
@@ -93,6 +94,9 @@ METHODS: dict[str, Method] = {
     "lca": Method(lca_curves, per_parameter=True),
     "polca_first_order": Method(polca_first_order, basis_columns=True),
     "polca": Method(polca, basis_columns=True),
+    # the basis ablations: POLCA along another basis, reported under their own names
+    "random_basis": Method(polca, basis_columns=True, basis="random"),
+    "shuffled_basis": Method(polca, basis_columns=True, basis="shuffled"),
 }
 
 

@@ -407,7 +407,7 @@ def _run(
                 trained,
                 lambda: lca_coordinates(trained),
                 f"{train_key}/lca",
-                "trajectories",
+                "lca",
                 "none",
                 cache,
                 device,

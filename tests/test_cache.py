@@ -13,18 +13,18 @@ def _count(cache, stage, spec, calls):
 
 def test_force_decompose_also_recomputes_the_lca_decomposition(tmp_path):
     calls = []
-    for stage in ("decompose", "trajectories", "basis"):
+    for stage in ("decompose", "lca", "basis"):
         _count(StageCache(tmp_path), stage, {"x": 1}, calls)
-    assert calls == ["decompose", "trajectories", "basis"]
-    _count(StageCache(tmp_path), "trajectories", {"x": 1}, calls)  # cached
+    assert calls == ["decompose", "lca", "basis"]
+    _count(StageCache(tmp_path), "lca", {"x": 1}, calls)  # cached
     assert len(calls) == 3
     forced = StageCache(tmp_path, {"decompose"})
-    for stage in ("decompose", "trajectories", "basis"):
+    for stage in ("decompose", "lca", "basis"):
         _count(forced, stage, {"x": 1}, calls)
-    assert calls[3:] == ["decompose", "trajectories"]  # the basis stays cached
+    assert calls[3:] == ["decompose", "lca"]  # the basis stays cached
     everything = StageCache(tmp_path, {"all"})
-    _count(everything, "trajectories", {"x": 1}, calls)
-    assert calls[-1] == "trajectories" and len(calls) == 6
+    _count(everything, "lca", {"x": 1}, calls)
+    assert calls[-1] == "lca" and len(calls) == 6
 
 
 def test_a_different_spec_is_a_different_entry(tmp_path):

@@ -33,7 +33,13 @@ def expected(name, traj, lca):
         return np.stack([L[:, t] - L[:, t - 1] for t in range(1, L.shape[1])], axis=1)[:, :, None]
     if name == "fisher":
         return traj.grads**2
-    source = {"lca": lca.first_order, "polca_first_order": traj.first_order, "polca": traj.polca}[name]
+    source = {
+        "lca": lca.first_order,
+        "polca_first_order": traj.first_order,
+        "polca": traj.polca,
+        "random_basis": traj.polca,  # POLCA along another basis: the same trajectory of it
+        "shuffled_basis": traj.polca,
+    }[name]
     out = np.zeros_like(source)
     for t in range(source.shape[1]):
         out[:, t] = source[:, : t + 1].sum(axis=1)
@@ -49,7 +55,7 @@ def zscore(x):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_each_method_clusters_its_defined_trajectory_under_its_own_settings(name, traj):
     first = np.random.default_rng(1).normal(size=(30, 8, 4))
-    lca = Decomposition(first, first, traj.losses, traj.grads, traj.steps, parameters=np.arange(4))
+    lca = Decomposition(first, first, traj.losses, traj.grads, steps=traj.steps, parameters=np.arange(4))
     curves = method_curves(name, traj, lca)
     want = expected(name, traj, lca)
     np.testing.assert_allclose(curves.curves, want)
@@ -88,7 +94,9 @@ def test_basis_ablations_use_polcas_settings():
     polca = validate(compose_config(["method=polca"]))
     for ablation, kind in (("random_basis", "random"), ("shuffled_basis", "shuffled")):
         s = validate(compose_config([f"method={ablation}"]))
-        assert s.method.name == "polca" and s.basis.kind == kind and s.cluster == polca.cluster
+        assert s.method.name == ablation and s.basis.kind == kind and s.cluster == polca.cluster
+    with pytest.raises(ValueError, match="basis.kind must be random"):
+        validate(compose_config(["method=random_basis", "basis.kind=hessian"]))
 
 
 def test_rising_vectors_are_those_whose_mean_projected_loss_rises(traj):
