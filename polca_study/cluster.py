@@ -9,7 +9,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-import hdbscan
 import numpy as np
 
 OUTLIER, FILTERED = -1, -2
@@ -64,6 +63,8 @@ def _hdbscan(x: np.ndarray, s: ClusterConfig) -> np.ndarray:
         return np.full(n, OUTLIER)
     min_samples = int(round(s.min_samples * n)) if s.min_samples < 1 else int(s.min_samples)
     min_samples = max(1, min(min_samples, n - 1))
+    import hdbscan  # here, not at import: it takes seconds, and config.py imports this module
+
     clusterer = hdbscan.HDBSCAN(
         min_cluster_size=int(s.min_cluster_size),
         min_samples=min_samples,

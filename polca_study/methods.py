@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from polca_study.polca import Decomposition
+if TYPE_CHECKING:  # config.py reads the method names: keep torch and scipy out of it
+    from polca_study.polca import Decomposition
 
 
 @dataclass

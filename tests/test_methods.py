@@ -7,7 +7,8 @@ import pytest
 
 from polca_study.cluster import features
 from polca_study.config import validate
-from polca_study.methods import METHODS, Decomposition, method_curves, rising_vectors
+from polca_study.methods import METHODS, method_curves, rising_vectors
+from polca_study.polca import Decomposition
 from tests.conftest import compose_config
 
 
