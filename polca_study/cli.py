@@ -72,7 +72,7 @@ def study(cfg: DictConfig) -> float:
             print(f"polca-study: error: {err}", file=sys.stderr)
             sys.exit(2)
         raise
-    objective = metrics["objective"]  # the dataset's: carry_recovery or label_purity_excess
+    objective = metrics["objective"]  # the task's: carry_recovery_excess or label_purity_excess
     value = metrics.get(objective)
     if metrics.get("clusters", 0) == 0:  # a search scores it (as no recovery), a user is told
         log.warning(

@@ -208,8 +208,9 @@ def lca_coordinates(trained: TrainRun, count: int = 50) -> Coordinates:
 
 
 def analyse(cfg: Config, task: Task, method: str, traj: Decomposition, lca: Decomposition | None):
-    """Cluster one method's curves and score them. Returns (metrics, tables, curves):
-    tables holds "clusters" (one row per cluster), and for text "contexts"."""
+    """Cluster one method's curves and score them. Returns (metrics, tables, assignments,
+    curves): tables holds "clusters" (one row per cluster), and for text "contexts";
+    assignments (n, columns) the cluster of each token per column (-2: a dropped column)."""
     labels = task.eval_split.labels
     curves = method_curves(method, traj, lca)
     dropped: list[int] = []
