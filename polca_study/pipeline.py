@@ -117,6 +117,8 @@ def stage_basis(
         "maxiter": b.maxiter,
         "seed": b.seed,
     }
+    if b.chunk_size is not None:  # sums in another order: another basis in its last bits
+        spec["chunk_size"] = b.chunk_size
 
     def compute() -> Basis:
         # a basis at every multiple of the interval but the last snapshot (no interval follows it)
@@ -133,9 +135,14 @@ def stage_basis(
         _, thetas = snapshots_at(trained, b.interval, int(trained.steps[-1]) - 1, device, order)
         model = source.model(task).to(device)
         batch = {k: v.to(device) for k, v in task.hessian_split().batch().items()}
-        loss = ModuleLoss(model, batch, task.token_loss)
+        n = len(next(iter(batch.values())))
+        size = b.chunk_size or n
+        chunks = [
+            ModuleLoss(model, {k: v[i : i + size] for k, v in batch.items()}, task.token_loss)
+            for i in range(0, n, size)
+        ]
         basis = build_basis(
-            lambda th: loss(th).sum(),
+            [lambda th, loss=loss: loss(th).sum() for loss in chunks],
             thetas,
             b.k,
             tol=b.tol,

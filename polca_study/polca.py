@@ -155,8 +155,29 @@ class Basis:
         return iter((self.vectors, self.eigenvalues))
 
 
-def hessian_vector_product(loss_fn: LossFn, theta: Tensor) -> Callable[[Tensor], Tensor]:
-    """Return `v -> H(θ) v` for a scalar `loss_fn`, reusing one gradient graph for all v."""
+def hessian_vector_product(loss_fn: LossFn | Sequence[LossFn], theta: Tensor) -> Callable[[Tensor], Tensor]:
+    """Return `v -> H(θ) v` for a scalar `loss_fn`, reusing one gradient graph for all v.
+
+    Given several scalar loss functions (the Hessian sample in chunks), H is the Hessian of
+    their sum and each product is accumulated chunk by chunk, building and freeing one
+    chunk's graph at a time: memory bounded by a chunk, at the cost of a forward and
+    backward pass per chunk and product."""
+    if callable(loss_fn):
+        return _retained_hvp(loss_fn, theta)
+    chunks = list(loss_fn)
+    if len(chunks) == 1:
+        return _retained_hvp(chunks[0], theta)
+
+    def hvp(v: Tensor) -> Tensor:
+        total = torch.zeros_like(v)
+        for chunk in chunks:
+            total += _retained_hvp(chunk, theta)(v)
+        return total
+
+    return hvp
+
+
+def _retained_hvp(loss_fn: LossFn, theta: Tensor) -> Callable[[Tensor], Tensor]:
     theta = theta.detach().requires_grad_(True)
     loss = loss_fn(theta)
     if loss.ndim != 0:
@@ -179,7 +200,7 @@ class ProjectedHessian(LinearOperator):
     Hessian-vector products by double backward through one gradient graph). `apply` is
     the same on tensors; `products` counts the Hessian-vector products."""
 
-    def __init__(self, loss_fn: LossFn, theta: Tensor, found: Tensor):
+    def __init__(self, loss_fn: LossFn | Sequence[LossFn], theta: Tensor, found: Tensor):
         d = theta.shape[0]
         super().__init__(dtype=np.float64, shape=(d, d))
         self.hvp = hessian_vector_product(loss_fn, theta)
@@ -203,7 +224,7 @@ class ProjectedHessian(LinearOperator):
 
 
 def build_basis(
-    loss_fn: LossFn,
+    loss_fn: LossFn | Sequence[LossFn],
     checkpoints: Sequence[Tensor],
     k: int,
     *,
@@ -216,9 +237,11 @@ def build_basis(
     """The paper's Algorithm 1: at each checkpoint θ_i, append the top-k eigenvectors of
     `P H(θ_i) P`, `P = I − B Bᵀ`, B the vectors found so far.
 
-    `loss_fn(θ) -> scalar` is the aggregate loss over the Hessian sample. H is never
-    formed: scipy's ARPACK Lanczos (`eigsh`, largest algebraic) runs on Hessian-vector
-    products by double backward. `tol` is eigsh's relative eigenvalue accuracy; `ncv`
+    `loss_fn(θ) -> scalar` is the aggregate loss over the Hessian sample, or a list of
+    such functions over its chunks (H of their sum, each product accumulated over the
+    chunks to bound memory; see `hessian_vector_product`). H is never formed: scipy's
+    ARPACK Lanczos (`eigsh`, largest algebraic) runs on Hessian-vector products by double
+    backward. `tol` is eigsh's relative eigenvalue accuracy; `ncv`
     its Lanczos basis size (default max(2k+4, 6): ARPACK's own 2k+1 restarts too often
     and needed 2.5x the products on our models).
     """

@@ -379,3 +379,20 @@ def test_module_loss_refuses_a_module_in_training_mode():
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1))
     with pytest.raises(ValueError, match="training mode.*call .eval"):
         ModuleLoss(model, torch.randn(2, 3), lambda out, b: out)
+
+
+def test_chunked_hessian_vector_products_equal_the_whole_samples():
+    """The Hessian of a sum, accumulated chunk by chunk (bounded memory), in float64."""
+    loss_fn, theta, _, _ = mlp_problem(seed=4, n=9)
+    whole = hessian_vector_product(lambda t: loss_fn(t).sum(), theta)
+    chunks = [lambda t, i=i: loss_fn(t)[i : i + 4].sum() for i in range(0, 9, 4)]  # 4 + 4 + 1
+    chunked = hessian_vector_product(chunks, theta)
+    H = torch.autograd.functional.hessian(lambda t: loss_fn(t).sum(), theta)
+    for seed in range(3):
+        v = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(chunked(v), whole(v), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(chunked(v), H @ v, rtol=1e-10, atol=1e-12)
+    a = build_basis([lambda t: loss_fn(t).sum()], [theta], k=2, tol=1e-12)
+    b = build_basis(chunks, [theta], k=2, tol=1e-12)
+    torch.testing.assert_close(b.eigenvalues, a.eigenvalues, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close((b.vectors.T @ a.vectors).abs(), torch.eye(2), rtol=0, atol=1e-6)

@@ -1,0 +1,100 @@
+"""The basis's peak memory and time per Hessian-vector product, whole sample against
+chunks (`basis.chunk_size`), on the paper's model and the CPU preset's.
+
+    .venv/bin/python benchmarks/basis_memory.py [--products 3] [--chunks 0 250 125]
+
+For each model (paper: 3 layers, d 512, 9.5M parameters; small: the CPU preset's) and
+chunk size (0: the whole 1,250-example Hessian sample in one graph, as by default),
+one process builds the Hessian-vector product at a random parameter vector and applies
+it `--products` times; it reports the process's peak resident memory and the median
+time per product. Processes run one after another. Prints one table with the time and
+memory against the unchunked case of the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def measure(model: str, chunk: int, products: int, threads: int) -> dict:
+    import torch
+
+    from polca_study.data.arithmetic import ArithmeticData, token_loss
+    from polca_study.model import ModelConfig, Transformer
+    from polca_study.polca import ModuleLoss, flatten_parameters, hessian_vector_product
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    sizes = {"small": {}, "paper": {"n_layers": 3, "d_model": 512, "n_heads": 4, "d_mlp": 2048}}
+    net = Transformer(ModelConfig(n_ctx=11, d_vocab=12, **sizes[model])).eval()
+    data = ArithmeticData(eval_size=1250, hessian_size=1250, carry_rate=0.08)
+    batch = data.hessian_split().batch()
+    n = len(batch["inputs"])
+    size = chunk or n
+    losses = [
+        ModuleLoss(net, {k: v[i : i + size] for k, v in batch.items()}, token_loss) for i in range(0, n, size)
+    ]
+    theta = flatten_parameters(net)
+    hvp = hessian_vector_product([lambda t, f=f: f(t).sum() for f in losses], theta)
+    v = torch.randn(theta.numel())
+    times = []
+    for _ in range(products):
+        start = time.perf_counter()
+        hvp(v)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"model": model, "chunk": chunk, "seconds": statistics.median(times), "peak_mb": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--products", type=int, default=3)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[0, 250, 125])
+    parser.add_argument("--models", nargs="+", default=["small", "paper"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # model chunk: this process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.products, args.threads)))
+        return
+    rows = []
+    for model in args.models:
+        for chunk in args.chunks:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    model,
+                    str(chunk),
+                    "--products",
+                    str(args.products),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    print(f"\n1,250-example Hessian sample, median of {args.products} products, {args.threads} threads")
+    print("| model | chunk | s per product | x unchunked | peak memory (MB) | x unchunked |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        base = next(b for b in rows if b["model"] == r["model"] and b["chunk"] == 0)
+        time_ratio, memory_ratio = r["seconds"] / base["seconds"], r["peak_mb"] / base["peak_mb"]
+        print(
+            f"| {r['model']} | {r['chunk'] or 'whole'} | {r['seconds']:.2f} | {time_ratio:.2f} | "
+            f"{r['peak_mb']:.0f} | {memory_ratio:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
