@@ -56,6 +56,7 @@ COLUMNS = {
     "hidden_breakthrough_fraction": "hidden BT frac.",
     "coverage": "coverage",
     "clusters": "clusters",
+    "unallocated_share": "unallocated share",
 }
 
 
@@ -104,6 +105,10 @@ SEED_METRICS = (
     "label_purity",
     "label_purity_excess",
     "simply_labelled_fraction",
+    # beyond the paper: how much of the loss change a method leaves unallocated, and (in
+    # polca=exact runs) how far the paper's second-order approximation is from exact
+    "unallocated_share",
+    "paper_second_order_relative_error",
 )
 PAIRED_METRICS = (
     "carry_recovery",

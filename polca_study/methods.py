@@ -40,6 +40,9 @@ class Method:
     per_parameter: bool = False  # needs the decomposition along LCA's parameters
     basis_columns: bool = False  # one column per basis vector (rising vectors are dropped)
     basis: str | None = None  # the basis kind the method is defined on (None: any)
+    # (decomposition, LCA's) -> the terms (n, T, columns) the method allocates each
+    # interval's loss change to; None for a method that allocates nothing (loss, Fisher)
+    allocation: Callable[[Decomposition, Decomposition | None], np.ndarray] | None = None
 
 
 def _cumulative(values: np.ndarray) -> np.ndarray:
@@ -89,17 +92,47 @@ def polca(traj: Decomposition, lca: Decomposition | None = None) -> MethodCurves
     return MethodCurves(_cumulative(traj.polca), traj.steps[1:], _polca_rises(traj), _vectors(traj))
 
 
+def _polca_terms(traj: Decomposition, lca: Decomposition | None = None) -> np.ndarray:
+    return traj.polca
+
+
+def _first_order_terms(traj: Decomposition, lca: Decomposition | None = None) -> np.ndarray:
+    return traj.first_order
+
+
+def _lca_terms(traj: Decomposition, lca: Decomposition | None = None) -> np.ndarray:
+    return lca.first_order
+
+
+def _whole_change(traj: Decomposition, lca: Decomposition | None = None) -> np.ndarray:
+    return np.diff(traj.losses, axis=1)[:, :, None]
+
+
 METHODS: dict[str, Method] = {
     "loss": Method(loss),
-    "loss_change": Method(loss_change),
+    "loss_change": Method(loss_change, allocation=_whole_change),
     "fisher": Method(fisher, basis_columns=True),
-    "lca": Method(lca_curves, per_parameter=True),
-    "polca_first_order": Method(polca_first_order, basis_columns=True),
-    "polca": Method(polca, basis_columns=True),
+    "lca": Method(lca_curves, per_parameter=True, allocation=_lca_terms),
+    "polca_first_order": Method(polca_first_order, basis_columns=True, allocation=_first_order_terms),
+    "polca": Method(polca, basis_columns=True, allocation=_polca_terms),
     # the basis ablations: POLCA along another basis, reported under their own names
-    "random_basis": Method(polca, basis_columns=True, basis="random"),
-    "shuffled_basis": Method(polca, basis_columns=True, basis="shuffled"),
+    "random_basis": Method(polca, basis_columns=True, basis="random", allocation=_polca_terms),
+    "shuffled_basis": Method(polca, basis_columns=True, basis="shuffled", allocation=_polca_terms),
 }
+
+
+def unallocated_share(name: str, traj: Decomposition, lca: Decomposition | None = None) -> float:
+    """The part of the actual loss change the method leaves unallocated, over tokens and
+    intervals: Σ|ΔL(x,t) − Σ_j a_j(x,t)| / Σ|ΔL(x,t)|, a_j its terms (NaN for a method
+    that allocates nothing). 0 for the loss change itself; for POLCA, what lies outside
+    the basis and beyond its second-order term."""
+    method = METHODS[name]
+    if method.allocation is None:
+        return float("nan")
+    actual = np.diff(traj.losses, axis=1)  # (n, T)
+    remainder = actual - method.allocation(traj, lca).sum(axis=2)
+    total = np.abs(actual).sum()
+    return float(np.abs(remainder).sum() / total) if total > 0 else float("nan")
 
 
 def method_curves(name: str, traj: Decomposition, lca: Decomposition | None = None) -> MethodCurves:

@@ -30,7 +30,7 @@ from polca_study.charts import history_group, log_study_charts
 from polca_study.cluster import cluster_all
 from polca_study.config import Config, ConfigError, validate
 from polca_study.environment import pinned_threads
-from polca_study.methods import METHODS, method_curves, rising_vectors
+from polca_study.methods import METHODS, method_curves, rising_vectors, unallocated_share
 from polca_study.polca import (
     Basis,
     Coordinates,
@@ -426,6 +426,7 @@ def _run(
         metrics, tables, assign, curves = analyse(cfg, task, cfg.method.name, traj, lca)
     table = tables["clusters"]
     metrics.update(approximation_error(traj))
+    metrics["unallocated_share"] = unallocated_share(cfg.method.name, traj, lca)
     final_acc = trained.history[trained.history.step == trained.history.step.max()]
     metrics.update(
         {

@@ -7,7 +7,7 @@ import pytest
 
 from polca_study.cluster import features
 from polca_study.config import validate
-from polca_study.methods import METHODS, method_curves, rising_vectors
+from polca_study.methods import METHODS, method_curves, rising_vectors, unallocated_share
 from polca_study.polca import Decomposition
 from tests.conftest import compose_config
 
@@ -159,3 +159,17 @@ def test_clusters_of_kept_vectors_keep_their_original_column_index():
         if members[half].all() or not members[half].any():
             found["early" if members[half].any() else "late"] = row.breakthrough_step
     assert found["late"] > found["early"]
+
+
+def test_unallocated_share_is_the_loss_change_the_terms_miss(traj):
+    n, T, m = traj.polca.shape
+    actual = np.diff(traj.losses, axis=1)
+    exact = dataclasses.replace(traj, polca=np.repeat(actual[:, :, None] / m, m, axis=2))
+    assert unallocated_share("polca", exact) == pytest.approx(0.0, abs=1e-12)  # allocates it all
+    assert unallocated_share("loss_change", traj) == 0.0
+    assert np.isnan(unallocated_share("loss", traj)) and np.isnan(unallocated_share("fisher", traj))
+    half = dataclasses.replace(traj, polca=exact.polca / 2)
+    assert unallocated_share("polca", half) == pytest.approx(0.5)
+    assert unallocated_share("polca_first_order", traj) == pytest.approx(
+        np.abs(actual - traj.first_order.sum(2)).sum() / np.abs(actual).sum()
+    )
