@@ -126,8 +126,9 @@ class ConfigError(ValueError):
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="dataset", name="arithmetic_schema", node=ArithmeticConfig)
-    cs.store(group="dataset", name="text_schema", node=TextConfig)
+    # outside any group, so `--help` lists only real datasets as the group's options
+    cs.store(name="arithmetic_schema", node=ArithmeticConfig)
+    cs.store(name="text_schema", node=TextConfig)
 
 
 def _choice(path: str, value: object, allowed: tuple) -> None:
