@@ -264,6 +264,11 @@ class OptunaSweeper(Sweeper):
         self.extend = bool(extend)
         self.heartbeat_interval = int(heartbeat_interval)
         self.grace_period = int(grace_period)
+        if self.heartbeat_interval < 1 or self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                "hydra.sweeper.heartbeat_interval must be >= 1 s and grace_period longer than it, "
+                f"got {heartbeat_interval} and {grace_period}"
+            )
         self.baseline_trial = bool(baseline_trial)
         self.sampler_conf = sampler
         self.params = OmegaConf.to_container(params) if isinstance(params, DictConfig) else params or {}
