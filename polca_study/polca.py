@@ -980,17 +980,9 @@ def _add_coordinates(
 
 
 def _conv1d_projection(inputs: tuple, output_grad: Tensor, basis: dict[str, Tensor]) -> Tensor:
-    """transformers' Conv1D (GPT-2): y = x W + b with W (in, out), a transposed Linear;
-    <B, Σ_t a_t δ_tᵀ> per sequence."""
-    a = inputs[0]
-    S = a.shape[0]
-    a = a.reshape(S, -1, a.shape[-1])
-    delta = output_grad.reshape(S, -1, output_grad.shape[-1])
-    grad_w = torch.einsum("sti,sto->sio", a, delta).reshape(S, -1)
-    out = grad_w @ basis["weight"].reshape(-1, basis["weight"].shape[-1])
-    if "bias" in basis:
-        out = out + delta.sum(1) @ basis["bias"]
-    return out
+    """transformers' Conv1D (GPT-2): y = x W + b with W (in, out), a transposed Linear:
+    the Linear rule with the weight's basis transposed to (out, in, m)."""
+    return _linear_projection(inputs, output_grad, {**basis, "weight": basis["weight"].transpose(0, 1)})
 
 
 def _vjp_projection(mod: nn.Module, params: dict[str, Tensor], inputs: tuple, output_grad: Tensor, basis):
