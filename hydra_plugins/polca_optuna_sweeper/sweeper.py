@@ -505,18 +505,27 @@ class OptunaSweeper(Sweeper):
             self.batch_size,
             sorted(space),
         )
+        waiting = False
         while True:
             with study_lock(self.storage, name):
                 self._recover(study)
                 trials = self._ask(study, space)
             if trials:
                 self._run(study, trials, fixed)
+                waiting = False
                 continue
-            if self._done(study) and not (
-                self.asynchronous and study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            ):
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if self._done(study) and not (self.asynchronous and running):
                 break
-            time.sleep(WAIT_SECONDS)  # another driver's trials are running
+            if not waiting:
+                log.info(
+                    "waiting for trials %s, running elsewhere (a trial whose worker died runs "
+                    "again here once its heartbeat is %d s old)",
+                    [t.number for t in running],
+                    self.grace_period,
+                )
+                waiting = True
+            time.sleep(WAIT_SECONDS)
         self._finish(study, name)
 
     @contextlib.contextmanager
