@@ -46,6 +46,11 @@ class ArithmeticConfig:
     carry_rate: float | None = 0.08  # share of carrying training sums; None: uniform
     seed: int = II("seed")  # the evaluation tokens and Hessian sample follow the run's seed
 
+    @property
+    def label(self) -> str:
+        """The training data in a word, for run names: the carry rate, or uniform."""
+        return "uniform" if self.carry_rate is None else f"carry{self.carry_rate:g}"
+
 
 @dataclass
 class BasisConfig:

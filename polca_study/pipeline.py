@@ -336,17 +336,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike = ".", job: dict | None = No
             tracker.finish(failed=failed)
 
 
-def data_setting(cfg: Config) -> str:
-    """The training data in a word: the carry rate (uniform when null), or the corpus."""
-    dataset = cfg.dataset
-    if dataset.name == "arithmetic":
-        return "uniform" if dataset.carry_rate is None else f"carry{dataset.carry_rate:g}"
-    return getattr(dataset, "source", dataset.name)
-
-
 def run_name(cfg: Config, trial: dict) -> str:
     """Short and meaningful: method, data setting, seed (and the trial in a study)."""
-    name = f"{cfg.method.name}-{data_setting(cfg)}-s{cfg.seed}"
+    name = f"{cfg.method.name}-{cfg.dataset.label}-s{cfg.seed}"
     return f"{name}-t{trial['optuna_trial']}" if trial else name
 
 
@@ -357,7 +349,7 @@ def run_keys(cfg: Config, job: dict) -> dict:
         "preset": job.get("preset", "default"),
         "task": cfg.dataset.name,
         "method_name": cfg.method.name,
-        "data": data_setting(cfg),
+        "data": cfg.dataset.label,
         "basis_kind": cfg.basis.kind,
         "second_order": cfg.polca.second_order,
         "overrides": job.get("overrides", []),

@@ -51,11 +51,11 @@ def _check(overrides: list[str], multirun: bool) -> str | None:
     sweeps = [o for o in parsed if o.is_sweep_override()]
     if sweeps and not multirun:
         return f"{sweeps[0].input_line} is a sweep: add -m (--multirun) to run one job per value"
-    base = _compose(fixed, hydra=True)
+    if not multirun:  # one job: one composition
+        return _validate(_compose(fixed), "")
+    base = _compose(fixed, hydra=True)  # the sweeper's params live in Hydra's node
     if isinstance(base, str):
         return base
-    if not multirun:
-        return _validate(_compose(fixed), "")
     jobs = _jobs(base, sweeps)
     for values in itertools.islice(jobs, MAX_JOBS):
         values = list(values)

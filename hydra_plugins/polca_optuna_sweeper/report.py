@@ -61,19 +61,12 @@ def report_study(study: optuna.Study, out_dir: Path, config: DictConfig, storage
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """One row per trial with numeric values and parameters (NaN where missing), so the
     W&B UI can sort and plot them; times as seconds, state and text as strings."""
+    from polca_study.tracking import numeric_frame
+
     frame = study.trials_dataframe(attrs=("number", "value", "state", "duration", "params", "user_attrs"))
     if "duration" in frame:
         frame["duration"] = frame["duration"].dt.total_seconds()
-    for column in frame.columns:
-        if frame[column].dtype == object:
-            numeric = pd.to_numeric(frame[column], errors="coerce")
-            text = frame[column].notna() & numeric.isna()
-            frame[column] = numeric if not text.any() else frame[column].map(_text)
-    return frame
-
-
-def _text(value) -> str | None:
-    return None if value is None or (isinstance(value, float) and value != value) else str(value)
+    return numeric_frame(frame)
 
 
 def _save(ax, path: Path) -> Path:

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -52,6 +51,7 @@ from optuna.distributions import (
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from polca_study.atomic import write_atomic
 from polca_study.tracking import STUDY_ENV, TRIAL_ENV
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,6 @@ class OptunaSweeper(Sweeper):
         if len(keys) > 1:
             raise ValueError(f"hydra.sweeper.average_over takes one key, got {keys}")
         self.replicas = [{keys[0]: v} for v in replicas[keys[0]]] if keys else [{}]
-        self.studies_run: list[str] = []
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -489,11 +488,8 @@ class OptunaSweeper(Sweeper):
         """studies.json in the sweep directory: which storage holds this command's studies."""
         out = Path(self.config.hydra.sweep.dir)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"storage": self.storage, "studies": names}
-        tmp = out / ".studies.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, out / "studies.json")
-        self.studies_run = names
+        record = json.dumps({"storage": self.storage, "studies": names}, indent=2)
+        write_atomic(out / "studies.json", lambda p: p.write_text(record))
 
     def _optimise(self, study: optuna.Study, space: dict, fixed: dict) -> None:
         name = study.study_name

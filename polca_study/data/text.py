@@ -59,6 +59,11 @@ class TextConfig:
     tagger: str = "auto"  # auto (spaCy when en_core_web_sm is installed) | spacy | rules
     seed: int = 0
 
+    @property
+    def label(self) -> str:
+        """The training data in a word, for run names: the corpus."""
+        return self.hf_name or self.source
+
 
 @dataclass
 class TextSplit:
