@@ -44,15 +44,17 @@ tune: install
 
 COMPARE = $(VENV)/bin/polca-study -m +sweep=compare_methods \
 	$(if $(wildcard $(TUNED)/tuned_method),hydra.searchpath=[file://$(TUNED)]) $(ARGS)
+# Every method and basis ablation on seeds 200-204 in both data regimes, then the same
+# jobs under the paper's clustering protocol (clustering only: every stage is cached).
 compare: install
 	$(COMPARE)
-	$(COMPARE) seed=200,201,202 cluster=paper
-	$(COMPARE) seed=200,201,202 dataset.carry_rate=0.08 method=lca,random_basis,shuffled_basis
+	$(COMPARE) cluster=paper
 	$(VENV)/bin/polca-study-wandb multirun/studies/compare_methods --study-group tune_methods
 
-# POLCA's exact and paper second-order modes (about 6x the decomposition of path each)
+# POLCA's exact and paper second-order modes (each decomposition about 6x path's), into
+# the same directory and tables
 compare-modes: install
-	$(COMPARE) seed=200,201 dataset.carry_rate=0.08 method=polca polca=exact,paper
+	$(COMPARE) seed=200,201,202 method=polca polca=exact,paper
 
 bench: install
 	$(PY) benchmarks/stages.py
