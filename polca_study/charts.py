@@ -12,12 +12,13 @@ MAX_COLUMNS = 8  # trajectory charts per run (LCA has 50 columns)
 MAX_CLUSTERS = 10  # series per chart, the largest clusters
 
 
-def log_study_charts(tracker, skill, history, traj, curves, assign: np.ndarray, labels, table) -> None:
-    """`skill(labels) -> Series`: the category of each evaluation token (the task's)."""
+def log_study_charts(tracker, skill, group, history, traj, curves, assign: np.ndarray, labels, table) -> None:
+    """`skill(labels) -> Series`: the category of each evaluation token; `group(row)`:
+    a learning-curve row's group (the task's)."""
     if not tracker.active:
         return
     trajectories(tracker, traj, curves, assign)
-    learning_curves(tracker, history)
+    learning_curves(tracker, history, group)
     if len(table):
         composition(tracker, skill(labels), assign, table)
         breakthroughs(tracker, table)
@@ -49,16 +50,9 @@ def trajectories(tracker, traj, curves, assign: np.ndarray) -> None:
         shown += 1
 
 
-def history_group(row) -> str:
-    """A learning-curve row's group: the text tag, or the arithmetic place and carry."""
-    if "tag" in row:
-        return str(row["tag"])
-    return f"{row['place']} {'carry' if row['carry'] else 'no carry'}"
-
-
-def learning_curves(tracker, history: pd.DataFrame) -> None:
-    """Accuracy and loss per group over training, one chart each."""
-    groups = history.apply(history_group, axis=1)
+def learning_curves(tracker, history: pd.DataFrame, group) -> None:
+    """Accuracy and loss per group (`group(row)`) over training, one chart each."""
+    groups = history.apply(group, axis=1)
     for value in ("accuracy", "loss"):
         xs, ys, names = [], [], []
         for name, rows in history.assign(group=groups).groupby("group", sort=True):

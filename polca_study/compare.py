@@ -30,34 +30,58 @@ from scipy import stats
 
 log = logging.getLogger(__name__)
 
-COLUMNS = {
-    "carry_top1_carry_homogeneity": "carry hom. 1",
-    "carry_top2_carry_homogeneity": "carry hom. 2",
-    "carry_top3_carry_homogeneity": "carry hom. 3",
-    "carry_top1_carry_recall": "recall 1",
-    "carry_top1_carry_f1": "F1 1",
-    "top_carry_homogeneity_null95": "hom. null 95%",
-    "top_carry_homogeneity_p": "hom. p",
-    "carry_recovery": "carry_recovery",
-    "carry_recovery_null_mean": "recovery null mean",
-    "carry_recovery_excess": "recovery excess",
-    "carry_recovery_p": "recovery p",
-    "filter_carry_rate_max": "filter carry rate max",
-    "probe_auc": "probe AUC",
-    "simply_labelled_fraction": "simply labelled frac.",
-    "simply_labelled_fraction_null_mean": "simple null mean",
-    "simply_labelled_fraction_p": "simple p",
-    "simply_labelled_clusters": "simple clusters",
-    "label_purity": "label purity",
-    "label_purity_null_mean": "purity null mean",
-    "label_purity_excess": "purity excess",
-    "label_purity_p": "purity p",
+# Every task's runs have these; each task adds its own (tasks.TASKS[...].metrics).
+COMMON_COLUMNS = {
     "aggregate_breakthrough_step": "aggregate BT step",
     "hidden_breakthrough_fraction": "hidden BT frac.",
     "coverage": "coverage",
     "clusters": "clusters",
     "unallocated_share": "unallocated share",
 }
+COMMON_SEED_METRICS = (
+    "hidden_breakthrough_fraction",
+    "coverage",
+    "clusters",
+    # beyond the paper: how much of the loss change a method leaves unallocated, and (in
+    # polca=exact runs) how far the paper's second-order approximation is from exact
+    "unallocated_share",
+    "paper_second_order_relative_error",
+)
+COMMON_PAIRED_METRICS = ("hidden_breakthrough_fraction",)
+
+
+def _tasks():
+    from polca_study.tasks import TASKS
+
+    return [kind.metrics for kind in TASKS.values()]
+
+
+def _union(*groups) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m for group in groups for m in group))
+
+
+def columns() -> dict[str, str]:
+    """comparison.md's headings: each task's metrics, then the common ones."""
+    return {k: v for t in _tasks() for k, v in t.columns.items()} | COMMON_COLUMNS
+
+
+def seed_metrics() -> tuple[str, ...]:
+    return _union(*(t.seeds for t in _tasks()), COMMON_SEED_METRICS)
+
+
+def paired_metrics() -> tuple[str, ...]:
+    return _union(*(t.paired for t in _tasks()), COMMON_PAIRED_METRICS)
+
+
+def summary_metrics() -> dict[str, str]:
+    """summary.md's columns: each task's main metrics and the hidden breakthroughs."""
+    merged = {k: v for t in _tasks() for k, v in t.summary.items()}
+    return merged | {"hidden_breakthrough_fraction": "hidden BT frac."}
+
+
+def headline_metrics() -> tuple[str, ...]:
+    """Each task's objective and its excess (summary.md's paired part, the W&B views)."""
+    return _union(*(t.headline for t in _tasks()))
 
 
 def job_overrides(run_dir: Path) -> dict[str, str]:
@@ -78,7 +102,7 @@ def comparison_table(sweep_dir: Path) -> pd.DataFrame:
         metrics = json.loads(summary.read_text())
         label = ", ".join(f"{k}={over[k]}" for k in varying if k in over) or summary.parent.name
         row = {"job": label, "method": metrics.get("method")}
-        row.update({name: metrics.get(key) for key, name in COLUMNS.items()})
+        row.update({name: metrics.get(key) for key, name in columns().items()})
         rows.append(row)
     return pd.DataFrame(rows).dropna(axis=1, how="all")  # arithmetic or text columns only
 
@@ -89,35 +113,6 @@ METHOD_KEYS = ("method", "polca", "polca.second_order", "basis", "basis.kind")
 REFERENCE = {"method": "polca"}  # POLCA with the default (path) second order and basis
 # Overrides that change how a job runs, not what it measures: never part of a condition.
 RUN_KEYS = ("cache_dir", "num_threads", "logger", "progress", "figures", "save_trajectories", "device")
-SEED_METRICS = (
-    "carry_recovery",
-    "carry_recovery_excess",
-    "carry_recovery_p",
-    "carry_top1_carry_homogeneity",
-    "carry_top1_carry_recall",
-    "carry_top1_carry_f1",
-    "top_carry_homogeneity_p",
-    "filter_carry_rate_max",
-    "hidden_breakthrough_fraction",
-    "coverage",
-    "clusters",
-    "probe_auc",
-    "label_purity",
-    "label_purity_excess",
-    "simply_labelled_fraction",
-    # beyond the paper: how much of the loss change a method leaves unallocated, and (in
-    # polca=exact runs) how far the paper's second-order approximation is from exact
-    "unallocated_share",
-    "paper_second_order_relative_error",
-)
-PAIRED_METRICS = (
-    "carry_recovery",
-    "carry_recovery_excess",
-    "carry_top1_carry_homogeneity",
-    "carry_top1_carry_f1",
-    "hidden_breakthrough_fraction",
-    "label_purity_excess",
-)
 
 
 def seed_frame(sweep_dir: Path) -> pd.DataFrame:
@@ -139,7 +134,7 @@ def seed_frame(sweep_dir: Path) -> pd.DataFrame:
                 "method": _label(method) or "method=polca",
                 "context": _label(context),
                 "seed": metrics.get("seed", over.get("seed")),
-                **{m: metrics.get(m) for m in SEED_METRICS},
+                **{m: metrics.get(m) for m in seed_metrics()},
             }
         )
     frame = pd.DataFrame(rows)
@@ -178,7 +173,7 @@ def sign_flip_p(differences: np.ndarray) -> float:
 def aggregate_seeds(frame: pd.DataFrame) -> pd.DataFrame:
     """Per condition and metric: n seeds, mean, standard deviation, 95% bootstrap interval."""
     rows = []
-    metrics = [m for m in SEED_METRICS if m in frame]
+    metrics = [m for m in seed_metrics() if m in frame]
     for condition, jobs in frame.groupby("condition", sort=False):
         for m in metrics:
             v = jobs[m].dropna().to_numpy(dtype=float)
@@ -203,7 +198,7 @@ def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.D
     """POLCA minus each other method, within each context, paired by seed."""
     ref_label = _label(reference)
     rows = []
-    metrics = [m for m in PAIRED_METRICS if m in frame]
+    metrics = [m for m in paired_metrics() if m in frame]
     for context, jobs in frame.groupby("context", sort=False):
         ref = jobs[jobs["method"] == ref_label].set_index("seed")
         if ref.empty:
@@ -233,8 +228,9 @@ def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.D
     return pd.DataFrame(rows)
 
 
-def seeds_markdown(agg: pd.DataFrame, metrics: tuple[str, ...] = SEED_METRICS) -> str:
+def seeds_markdown(agg: pd.DataFrame, metrics: tuple[str, ...] | None = None) -> str:
     """Conditions as rows, metrics as columns: mean ± sd [95% interval] (n)."""
+    metrics = metrics or seed_metrics()
     cell = agg.apply(
         lambda r: f"{r['mean']:.3f} ± {r['std']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n})", axis=1
     )
@@ -244,41 +240,30 @@ def seeds_markdown(agg: pd.DataFrame, metrics: tuple[str, ...] = SEED_METRICS) -
 
 
 NO_PAIRS = f"No paired differences: pairing needs {_label(REFERENCE)} and another method on the same seeds."
-SUMMARY_METRICS = {
-    "carry_recovery": "carry_recovery",
-    "carry_recovery_excess": "excess over null",
-    "carry_recovery_p": "p (null)",
-    "carry_top1_carry_homogeneity": "top carry hom.",
-    "hidden_breakthrough_fraction": "hidden BT frac.",
-    "label_purity_excess": "purity excess",
-}
 
 
 def summary_markdown(frame: pd.DataFrame, agg: pd.DataFrame, paired: pd.DataFrame) -> str:
     """A short read of the two tables: per context, each method's mean [95% interval] of
     the main metrics, then POLCA minus each baseline on the objective and its excess."""
-    out = []
+    out, summary = [], summary_metrics()
     for context in sorted(frame["context"].unique()):
         rows = []
         for condition in frame.loc[frame["context"] == context, "condition"].unique():
             sub = agg[agg["condition"] == condition].set_index("metric")
             method = frame.loc[frame["condition"] == condition, "method"].iloc[0]
             row = {"method": method, "seeds": int(sub["n"].max())}
-            for m, name in SUMMARY_METRICS.items():
+            for m, name in summary.items():
                 if m in sub.index:
                     r = sub.loc[m]
                     row[name] = f"{r['mean']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
             rows.append(row)
         table = pd.DataFrame(rows)
-        table = table[["method", "seeds", *[n for n in SUMMARY_METRICS.values() if n in table]]]
+        table = table[["method", "seeds", *[n for n in summary.values() if n in table]]]
         out += [f"### {context or 'all jobs'}", "", table.to_markdown(index=False), ""]
         if paired.empty:
             out += [NO_PAIRS, ""]
             continue
-        p = paired[
-            (paired["context"] == context)
-            & paired["metric"].isin(["carry_recovery", "carry_recovery_excess", "label_purity_excess"])
-        ]
+        p = paired[(paired["context"] == context) & paired["metric"].isin(headline_metrics())]
         if len(p):
             p = p.assign(
                 diff=[

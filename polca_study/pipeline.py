@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from polca_study import environment, tracking
 from polca_study.atomic import write_atomic
 from polca_study.cache import StageCache
-from polca_study.charts import history_group, log_study_charts
+from polca_study.charts import log_study_charts
 from polca_study.cluster import cluster_all
 from polca_study.config import Config, ConfigError, validate
 from polca_study.environment import pinned_threads
@@ -47,7 +47,8 @@ from polca_study.score import (
     delta_points,
 )
 from polca_study.source import Source, make_source, snapshot_steps
-from polca_study.task import Task, make_task
+from polca_study.task import Task
+from polca_study.tasks import TASKS, make_task
 from polca_study.train import TrainRun
 
 log = logging.getLogger("polca_study")
@@ -381,7 +382,8 @@ def _run(
     with stage("train", timings, memory):  # or the snapshots of another source
         trained, train_key = source.prepare(task, cache, device, progress)
     tracker.define_training_metrics()
-    _log_history(tracker, trained.history, trained.train_loss)
+    history_group = TASKS[task.name].history_group
+    _log_history(tracker, trained.history, trained.train_loss, history_group)
     with stage("basis", timings, memory):
         basis, basis_key = stage_basis(cfg, task, source, trained, train_key, cache, device, progress)
     with stage("decompose", timings, memory):
@@ -451,7 +453,9 @@ def _run(
         tracker.summary(metrics)
         tracker.images(figures)
         tracker.table("clusters", table)
-        log_study_charts(tracker, task.skill, trained.history, traj, curves, assign, labels, table)
+        log_study_charts(
+            tracker, task.skill, history_group, trained.history, traj, curves, assign, labels, table
+        )
         if cfg.logger.log_artifacts and cfg.save_trajectories:
             # named by the decomposition it holds, so a version means the same inputs
             tracker.artifact(
@@ -476,9 +480,9 @@ def stage_specs(cfg: Config) -> dict:
     }
 
 
-def _log_history(tracker, history: pd.DataFrame, train_loss: pd.DataFrame | None) -> None:
-    """Training loss, and evaluation loss and accuracy overall and per group (arithmetic:
-    place and carry; text: the tag of the target's word)."""
+def _log_history(tracker, history: pd.DataFrame, train_loss: pd.DataFrame | None, history_group) -> None:
+    """Training loss, and evaluation loss and accuracy overall and per group (the task's
+    `history_group` of each learning-curve row)."""
     if not tracker.active:
         return
     train = {} if train_loss is None else dict(zip(train_loss.step, train_loss.loss, strict=True))

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from polca_study.errors import ConfigError
 from polca_study.snapshots import SnapshotStore, SnapshotWriter, parameters_of, snapshot_bytes
 from polca_study.train import TrainRun, train
 
@@ -186,8 +187,6 @@ class TrainedHere(Source):
     """Our trainer, writing the store into the cache as it goes; a killed run resumes."""
 
     def model_config(self, task):
-        from polca_study.config import ConfigError
-
         m = self.cfg.model
         m = replace(m, n_ctx=m.n_ctx or task.n_ctx, d_vocab=m.d_vocab or task.d_vocab)
         if m.n_ctx < task.n_ctx or m.d_vocab < task.d_vocab:
@@ -232,8 +231,6 @@ class TrainedHere(Source):
 
 def check_disk(where: Path, model: nn.Module, train_cfg) -> None:
     """Log the snapshot store's size and fail before training when it cannot fit."""
-    from polca_study.config import ConfigError
-
     snapshots = train_cfg.steps // train_cfg.checkpoint_every + 1
     per = snapshot_bytes(parameters_of(model, torch.float32))
     need = snapshots * per + 4 * per  # and the saved training state (model, optimizer, RNG)

@@ -30,6 +30,8 @@ from typing import Any
 import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 
+from polca_study import compare
+
 DEFAULT_PROJECT = "polca-study"
 # Workspace and Report need an entity string, and the Report's default asks the W&B API
 # (a login) for it; offline, a placeholder stands in until `--publish` resolves the real one.
@@ -37,13 +39,8 @@ OFFLINE_ENTITY = "offline"
 SPEC_NAME = "wandb_views.json"
 PUBLISH_NEEDS_LOGIN = "--publish needs a W&B login (WANDB_API_KEY)"
 
-HEADLINE_METRICS = (
-    "carry_recovery",
-    "carry_recovery_excess",
-    "carry_top1_carry_homogeneity",
-    "hidden_breakthrough_fraction",
-    "label_purity_excess",
-)
+# each task's objective and its excess, and the hidden breakthroughs
+HEADLINE_METRICS = (*compare.headline_metrics(), "hidden_breakthrough_fraction")
 # The tuning study's search space (docs/comparison.md) and the objective it maximised.
 CLUSTER_SETTINGS = (
     "cluster.min_cluster_size",

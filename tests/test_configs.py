@@ -110,7 +110,8 @@ def test_schema_defaults_are_the_default_run():
 
     from omegaconf import OmegaConf
 
-    from polca_study.config import ArithmeticConfig, Config
+    from polca_study.config import Config
+    from polca_study.tasks.arithmetic import ArithmeticConfig
 
     def defaults(cls) -> dict:  # the declared defaults, before __post_init__ derives any
         out = {}

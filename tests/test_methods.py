@@ -114,7 +114,7 @@ def test_clusters_of_kept_vectors_keep_their_original_column_index():
     """After a rising vector is dropped, tables name the remaining vectors by their index
     in the basis, not their position among the kept ones."""
     from polca_study.pipeline import analyse
-    from polca_study.task import make_task
+    from polca_study.tasks import make_task
 
     settings = validate(
         compose_config(

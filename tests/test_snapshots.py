@@ -156,7 +156,7 @@ def test_training_that_cannot_fit_on_disk_fails_before_it_starts(tmp_path, monke
 
     from polca_study import source
     from polca_study.config import ConfigError, validate
-    from polca_study.task import make_task
+    from polca_study.tasks import make_task
     from tests.conftest import compose_config
 
     cfg = validate(compose_config(["experiment=tiny", f"cache_dir={tmp_path}"]))

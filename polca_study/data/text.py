@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -24,45 +24,13 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from polca_study.data import corpus, tagging
+from polca_study.tasks.text import TextConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # quiet under forked launchers
 
 EOT = "<|endoftext|>"
 TAG_COLUMNS = ("tag_w-3", "tag_w-2", "tag_w-1", "tag_w0")
 CONTEXT_CHARS = 80  # text shown before a target token in reports
-
-
-@dataclass
-class TextConfig:
-    """The `dataset` group for text (`dataset=text`)."""
-
-    name: str = "text"
-    source: str = "austen"  # austen (offline, fetched on first use) | files | huggingface
-    # where the offline corpus is (fetched there on first use); None: $POLCA_DATA_DIR or
-    # the user's data directory
-    data_dir: str | None = None
-    files: list[str] = field(default_factory=list)  # source=files: paths or globs of UTF-8 text
-    hf_name: str | None = None  # source=huggingface: e.g. wikitext, roneneldan/TinyStories
-    hf_config: str | None = None  # e.g. wikitext-103-raw-v1
-    hf_split: str = "train"
-    hf_text_field: str = "text"
-    max_chars: int | None = None  # read at most this many characters of the corpus
-    val_fraction: float = 0.05  # held-out tail of each document
-    vocab_size: int = 1024  # BPE vocabulary, trained locally on the training split
-    # a pretrained tokenizer (hub id or directory; needs `transformers`) in place of the
-    # trained BPE: a model analysed at its revisions reads text the way it was trained to
-    tokenizer: str | None = None
-    n_ctx: int = 32  # tokens per context
-    eval_tokens: int = 3000  # evaluation tokens (the paper: 12,600)
-    eval_positions: int = 16  # evaluation tokens per held-out context
-    hessian_size: int = 64  # training contexts in the Hessian sample
-    tagger: str = "auto"  # auto (spaCy when en_core_web_sm is installed) | spacy | rules
-    seed: int = 0
-
-    @property
-    def label(self) -> str:
-        """The training data in a word, for run names: the corpus."""
-        return self.hf_name or self.source
 
 
 @dataclass

@@ -1,0 +1,149 @@
+"""3-digit addition: ground-truth skills (digit place, carry, value) to score clusters on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from omegaconf import II
+
+from polca_study.errors import ConfigError, at_least
+from polca_study.task import Task, TaskKind, TaskMetrics
+
+
+@dataclass
+class ArithmeticConfig:
+    """The `dataset` group for 3-digit addition (`dataset=arithmetic`)."""
+
+    name: str = "arithmetic"
+    eval_size: int = 1250  # evaluation examples (4 output tokens each)
+    hessian_size: int = 1250  # training examples in the Hessian sample
+    carry_rate: float | None = 0.08  # share of carrying training sums; None: uniform
+    seed: int = II("seed")  # the evaluation tokens and Hessian sample follow the run's seed
+
+    def __post_init__(self):
+        at_least("dataset.eval_size", self.eval_size, 1)
+        at_least("dataset.hessian_size", self.hessian_size, 1)
+        if self.carry_rate is not None and not 0 <= self.carry_rate <= 1:
+            raise ConfigError(f"dataset.carry_rate must be in [0, 1] or null, got {self.carry_rate}")
+
+    @property
+    def label(self) -> str:
+        """The training data in a word, for run names: the carry rate, or uniform."""
+        return "uniform" if self.carry_rate is None else f"carry{self.carry_rate:g}"
+
+
+def build(dataset: ArithmeticConfig, cache=None) -> Task:
+    import numpy as np
+
+    from polca_study import report
+    from polca_study.data import arithmetic
+
+    data = arithmetic.ArithmeticData(
+        dataset.eval_size, dataset.hessian_size, dataset.carry_rate, dataset.seed
+    )
+    split = data.eval_split()
+    return Task(
+        name="arithmetic",
+        spec=asdict(dataset),
+        n_ctx=arithmetic.SEQ_LEN,
+        d_vocab=arithmetic.VOCAB_SIZE,
+        eval_split=split,
+        hessian_split=data.hessian_split,
+        train_batches=data.train_batches,
+        token_loss=arithmetic.token_loss,
+        evaluate=arithmetic.evaluate,
+        groups=split.labels["place"].astype(str).to_numpy(),
+        objective="carry_recovery_excess",
+        score=score,
+        figures=report.arithmetic_figures,
+        skill=lambda labels: labels["place"].astype(str) + np.where(labels["carry"], " carry", " no carry"),
+        headline=lambda m, run_dir: (
+            f"carry_recovery {m['carry_recovery']:.3f}, top carry homogeneity "
+            f"{[round(r['carry_homogeneity'], 3) for r in m['top_carry']]}, coverage {m['coverage']:.2f}"
+        ),
+    )
+
+
+def history_group(row) -> str:
+    """A learning-curve row's group: the place and whether it carries."""
+    return f"{row['place']} {'carry' if row['carry'] else 'no carry'}"
+
+
+def score(cfg, assign, curves, labels, columns: int):
+    """Carry, place and value scores of the clusters against the known skills.
+    Returns (cluster table, metrics, further tables)."""
+    import numpy as np
+
+    from polca_study.score import (
+        ami_and_coverage,
+        carry_probe_auc,
+        carry_recovery,
+        cluster_table,
+        filter_carry_rates,
+        permutation_null,
+        top_homogeneity,
+    )
+
+    s = cfg.score
+    table = cluster_table(assign, labels, s.homogeneity_threshold)
+    metrics: dict = {
+        "carry_recovery": carry_recovery(table),
+        "carry_base_rate": float(labels["carry"][labels["place"].astype(str).isin(["10s", "100s"])].mean()),
+        "top_carry": top_homogeneity(table, "carry"),
+        "top_place": top_homogeneity(table, "place"),
+        "top_value": top_homogeneity(table, "value"),
+    }
+    metrics.update(ami_and_coverage(assign, labels))
+    if s.probe:
+        metrics["probe_auc"] = carry_probe_auc(curves, labels, seed=cfg.seed)
+    metrics.update(permutation_null(assign, labels, s.permutations, s.homogeneity_threshold, cfg.seed))
+    if "carry_recovery_null_mean" in metrics:
+        metrics["carry_recovery_excess"] = metrics["carry_recovery"] - metrics["carry_recovery_null_mean"]
+    # what the filter alone does: the carry rate of the 10s/100s tokens each column keeps
+    rates = filter_carry_rates(assign, labels)
+    metrics["filter_carry_rate_per_vector"] = np.round(rates, 4).tolist()
+    metrics["filter_carry_rate_max"] = float(np.nanmax(rates)) if np.isfinite(rates).any() else float("nan")
+    for i, row in enumerate(metrics["top_carry"][:3]):
+        for key in ("carry_homogeneity", "carry_recall", "carry_f1"):
+            metrics[f"carry_top{i + 1}_{key}"] = float(row[key])
+    return table, metrics, {}
+
+
+METRICS = TaskMetrics(
+    columns={
+        "carry_top1_carry_homogeneity": "carry hom. 1",
+        "carry_top2_carry_homogeneity": "carry hom. 2",
+        "carry_top3_carry_homogeneity": "carry hom. 3",
+        "carry_top1_carry_recall": "recall 1",
+        "carry_top1_carry_f1": "F1 1",
+        "top_carry_homogeneity_null95": "hom. null 95%",
+        "top_carry_homogeneity_p": "hom. p",
+        "carry_recovery": "carry_recovery",
+        "carry_recovery_null_mean": "recovery null mean",
+        "carry_recovery_excess": "recovery excess",
+        "carry_recovery_p": "recovery p",
+        "filter_carry_rate_max": "filter carry rate max",
+        "probe_auc": "probe AUC",
+    },
+    seeds=(
+        "carry_recovery",
+        "carry_recovery_excess",
+        "carry_recovery_p",
+        "carry_top1_carry_homogeneity",
+        "carry_top1_carry_recall",
+        "carry_top1_carry_f1",
+        "top_carry_homogeneity_p",
+        "filter_carry_rate_max",
+        "probe_auc",
+    ),
+    paired=("carry_recovery", "carry_recovery_excess", "carry_top1_carry_homogeneity", "carry_top1_carry_f1"),
+    summary={
+        "carry_recovery": "carry_recovery",
+        "carry_recovery_excess": "excess over null",
+        "carry_recovery_p": "p (null)",
+        "carry_top1_carry_homogeneity": "top carry hom.",
+    },
+    headline=("carry_recovery", "carry_recovery_excess"),
+)
+
+KIND = TaskKind("arithmetic", ArithmeticConfig, build, history_group, METRICS)
