@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-from polca_study import cluster, methods, source
+from polca_study import bases, cluster, methods, source
 from polca_study.cluster import ClusterConfig
 from polca_study.errors import ConfigError, at_least, choice, did_you_mean
 from polca_study.model import ModelConfig
@@ -23,7 +23,7 @@ from polca_study.train import TrainConfig
 
 # Option sets live with the code that implements them; this module only checks them.
 METHODS = tuple(methods.METHODS)
-BASIS_KINDS = ("hessian", "random", "shuffled")
+BASIS_KINDS = tuple(bases.KINDS)
 NORMALIZE, FEATURES, GROUPING = cluster.NORMALIZE, cluster.FEATURES, cluster.GROUPING
 SELECTION, METRICS = cluster.SELECTION, cluster.METRICS
 LOGGER_MODES = ("auto", "offline", "online", "disabled")

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # config.py reads the method names: keep torch and scipy out of it
-    from polca_study.polca import Decomposition
+    from polca_study.polca import Coordinates, Decomposition
+    from polca_study.train import TrainRun
 
 
 @dataclass
@@ -35,9 +36,28 @@ class MethodCurves:
 
 
 @dataclass(frozen=True)
+class Parameters:
+    """Directions along single parameters, chosen from the snapshots: a method that
+    declares them gets the decomposition along them (first order) beside the basis's."""
+
+    name: str  # names the cached decomposition
+    choose: Callable[[TrainRun], Coordinates]
+
+
+def largest_parameters(trained: TrainRun, count: int = 50) -> Coordinates:
+    """LCA's parameters: the `count` largest in magnitude at the end of training."""
+    import torch
+
+    from polca_study.polca import Coordinates
+
+    final = trained.store.flat(int(trained.steps[-1]))
+    return Coordinates(torch.argsort(-final.abs(), stable=True)[:count], final.numel(), final.dtype)
+
+
+@dataclass(frozen=True)
 class Method:
     curves: Callable[[Decomposition, Decomposition | None], MethodCurves]  # (decomposition, LCA's)
-    per_parameter: bool = False  # needs the decomposition along LCA's parameters
+    parameters: Parameters | None = None  # its own directions besides the basis (LCA's)
     basis_columns: bool = False  # one column per basis vector (rising vectors are dropped)
     basis: str | None = None  # the basis kind the method is defined on (None: any)
     # (decomposition, LCA's) -> the terms (n, T, columns) the method allocates each
@@ -112,7 +132,7 @@ METHODS: dict[str, Method] = {
     "loss": Method(loss),
     "loss_change": Method(loss_change, allocation=_whole_change),
     "fisher": Method(fisher, basis_columns=True),
-    "lca": Method(lca_curves, per_parameter=True, allocation=_lca_terms),
+    "lca": Method(lca_curves, parameters=Parameters("lca", largest_parameters), allocation=_lca_terms),
     "polca_first_order": Method(polca_first_order, basis_columns=True, allocation=_first_order_terms),
     "polca": Method(polca, basis_columns=True, allocation=_polca_terms),
     # the basis ablations: POLCA along another basis, reported under their own names

@@ -13,7 +13,6 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -28,28 +27,19 @@ from polca_study.atomic import write_atomic
 from polca_study.cache import StageCache
 from polca_study.charts import log_study_charts
 from polca_study.cluster import cluster_all
-from polca_study.config import Config, ConfigError, validate
+from polca_study.config import Config, validate
 from polca_study.environment import pinned_threads
 from polca_study.methods import METHODS, method_curves, rising_vectors, unallocated_share
-from polca_study.polca import (
-    Basis,
-    Coordinates,
-    Decomposition,
-    ModuleLoss,
-    SecondOrderError,
-    build_basis,
-    check_second_order,
-    decompose_trajectory,
-)
+from polca_study.polca import Decomposition
 from polca_study.score import (
     breakthrough_time,
     cluster_breakthroughs,
     delta_points,
 )
-from polca_study.source import Source, make_source, snapshot_steps
+from polca_study.source import make_source
+from polca_study.stages import StageContext, stage_basis, stage_decompose
 from polca_study.task import Task
 from polca_study.tasks import TASKS, make_task
-from polca_study.train import TrainRun
 
 log = logging.getLogger("polca_study")
 
@@ -76,140 +66,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-# ------------------------------------------------------------------------- stages
-
-
-def snapshots_at(
-    trained: TrainRun, every: int, last: int, device, order: np.ndarray | None = None, least: int = 1
-):
-    """The stored steps that are multiples of `every` and ≤ last (in `order` if given),
-    and their snapshots, read lazily; at least `least` of them."""
-    steps = snapshot_steps(trained, every, last)
-    if len(steps) < least:
-        raise ConfigError(
-            f"an interval of {every} steps leaves {len(steps)} of the stored snapshots "
-            f"(steps {trained.steps[:5].tolist()}...); this stage needs {least}: choose an "
-            "interval that divides more of them"
-        )
-    if order is not None:
-        steps = steps[order]
-    return steps, trained.store.sequence(steps, device=device)
-
-
-def stage_basis(
-    cfg: Config,
-    task: Task,
-    source: Source,
-    trained: TrainRun,
-    train_key: str,
-    cache: StageCache,
-    device,
-    progress,
-):
-    b = cfg.basis
-    spec = {
-        "train": train_key,
-        "kind": b.kind,
-        "k": b.k,
-        "interval": b.interval,
-        "tol": b.tol,
-        "maxiter": b.maxiter,
-        "seed": b.seed,
-    }
-    if b.chunk_size is not None:  # sums in another order: another basis in its last bits
-        spec["chunk_size"] = b.chunk_size
-
-    def compute() -> Basis:
-        # a basis at every multiple of the interval but the last snapshot (no interval follows it)
-        steps, _ = snapshots_at(trained, b.interval, int(trained.steps[-1]) - 1, device)
-        d, m = trained.store.numel, len(steps) * b.k
-        if b.kind == "random":
-            g = torch.Generator().manual_seed(b.seed)
-            vectors, _ = torch.linalg.qr(torch.randn(d, m, generator=g))
-            nan = torch.full((m,), float("nan"))
-            return Basis(vectors, nan, nan, 0, torch.arange(len(steps)).repeat_interleave(b.k))
-        order = None
-        if b.kind == "shuffled":
-            order = np.random.default_rng(b.seed).permutation(len(steps))
-        _, thetas = snapshots_at(trained, b.interval, int(trained.steps[-1]) - 1, device, order)
-        model = source.model(task).to(device)
-        batch = {k: v.to(device) for k, v in task.hessian_split().batch().items()}
-        n = len(next(iter(batch.values())))
-        size = b.chunk_size or n
-        chunks = [
-            ModuleLoss(model, {k: v[i : i + size] for k, v in batch.items()}, task.token_loss)
-            for i in range(0, n, size)
-        ]
-        basis = build_basis(
-            [lambda th, loss=loss: loss(th).sum() for loss in chunks],
-            thetas,
-            b.k,
-            tol=b.tol,
-            maxiter=b.maxiter,
-            seed=b.seed,
-            progress=progress,
-        )
-        index = basis.checkpoint_index if order is None else torch.as_tensor(order)[basis.checkpoint_index]
-        return Basis(basis.vectors.cpu(), basis.eigenvalues.cpu(), basis.residuals.cpu(), basis.hvps, index)
-
-    return cache.get_or_compute("basis", spec, compute, Basis)
-
-
-def stage_decompose(
-    cfg: Config,
-    task: Task,
-    source: Source,
-    trained: TrainRun,
-    directions: Callable[[], torch.Tensor | Coordinates],
-    parent_key: str,
-    name: str,
-    second_order: str,
-    cache: StageCache,
-    device,
-    progress,
-) -> tuple[Decomposition, str]:
-    """POLCA of every evaluation token along `directions()` between evaluation points,
-    reading the snapshots one at a time (a cache hit needs neither)."""
-    spec = {
-        "parent": parent_key,
-        "interval": cfg.polca.interval,
-        "second_order": second_order,
-        "route": cfg.polca.route,
-    }
-
-    def compute() -> Decomposition:
-        vectors = directions()
-        steps, thetas = snapshots_at(trained, cfg.polca.interval, int(trained.steps[-1]), device, least=2)
-        model = source.model(task).to(device)
-        batch = {k: v.to(device) for k, v in task.eval_split.batch().items()}
-        loss = ModuleLoss(model, batch, task.token_loss)
-        if second_order == "exact":  # before any work: nested forward mode must be right here
-            check = ModuleLoss(model, {k: v[:2] for k, v in batch.items()}, task.token_loss)
-            try:
-                error = check_second_order(check, thetas[0])
-            except SecondOrderError as err:  # a setting this model cannot take: one clear line
-                raise ConfigError(str(err)) from err
-            log.info("exact second order checked against double backward: relative error %.1e", error)
-        traj = decompose_trajectory(
-            loss,
-            thetas,
-            vectors if isinstance(vectors, Coordinates) else vectors.to(device),
-            second_order,
-            route=cfg.polca.route,
-            progress=progress,
-        )
-        parameters = vectors.indices.numpy() if isinstance(vectors, Coordinates) else None
-        return traj.numpy(steps, parameters)
-
-    return cache.get_or_compute(name, spec, compute, Decomposition)
-
-
-def lca_coordinates(trained: TrainRun, count: int = 50) -> Coordinates:
-    """LCA's parameters: the `count` largest in magnitude at the end of training."""
-    final = trained.store.flat(int(trained.steps[-1]))
-    return Coordinates(torch.argsort(-final.abs(), stable=True)[:count], final.numel(), final.dtype)
 
 
 # ---------------------------------------------------------------------- analysis
@@ -384,36 +240,22 @@ def _run(
     tracker.define_training_metrics()
     history_group = TASKS[task.name].history_group
     _log_history(tracker, trained.history, trained.train_loss, history_group)
+    ctx = StageContext(cfg, task, source, trained, train_key, cache, device, progress)
     with stage("basis", timings, memory):
-        basis, basis_key = stage_basis(cfg, task, source, trained, train_key, cache, device, progress)
+        basis, basis_key = stage_basis(ctx)
     with stage("decompose", timings, memory):
         traj, decompose_key = stage_decompose(
-            cfg,
-            task,
-            source,
-            trained,
-            lambda: basis.vectors,
-            basis_key,
-            "decompose",
-            cfg.polca.second_order,
-            cache,
-            device,
-            progress,
+            ctx, lambda: basis.vectors, basis_key, "decompose", cfg.polca.second_order
         )
         lca = None
-        if METHODS[cfg.method.name].per_parameter:
+        parameters = METHODS[cfg.method.name].parameters
+        if parameters is not None:  # the method's own directions: single parameters
             lca, _ = stage_decompose(
-                cfg,
-                task,
-                source,
-                trained,
-                lambda: lca_coordinates(trained),
-                f"{train_key}/lca",
-                "lca",
+                ctx,
+                lambda: parameters.choose(trained),
+                f"{train_key}/{parameters.name}",
+                parameters.name,
                 "none",
-                cache,
-                device,
-                progress,
             )
     keys = {"train": train_key, "basis": basis_key, "decompose": decompose_key}
     with stage("cluster+score", timings, memory):

@@ -1,0 +1,126 @@
+"""The cached analysis stages between the snapshots and the clustering: the basis and
+the decompositions along it (or along single parameters). Each is a function of a
+`StageContext` and is cached under the config that determines it (`cache.py`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from polca_study.bases import KINDS
+from polca_study.cache import StageCache
+from polca_study.config import Config
+from polca_study.errors import ConfigError
+from polca_study.polca import (
+    Basis,
+    Coordinates,
+    Decomposition,
+    ModuleLoss,
+    SecondOrderError,
+    check_second_order,
+    decompose_trajectory,
+)
+from polca_study.source import Source, snapshot_steps
+from polca_study.task import Task
+from polca_study.train import TrainRun
+
+log = logging.getLogger("polca_study")
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every analysis stage reads: the run's config, its task, where its snapshots
+    come from and the snapshots themselves (trained here or imported), the stage cache."""
+
+    cfg: Config
+    task: Task
+    source: Source
+    trained: TrainRun
+    train_key: str  # the snapshots' cache key, the parent of every stage below
+    cache: StageCache
+    device: torch.device
+    progress: bool
+
+
+def steps_at(trained: TrainRun, every: int, last: int, least: int = 1) -> np.ndarray:
+    """The stored steps that are multiples of `every` and ≤ last; at least `least`."""
+    steps = snapshot_steps(trained, every, last)
+    if len(steps) < least:
+        raise ConfigError(
+            f"an interval of {every} steps leaves {len(steps)} of the stored snapshots "
+            f"(steps {trained.steps[:5].tolist()}...); this stage needs {least}: choose an "
+            "interval that divides more of them"
+        )
+    return steps
+
+
+def stage_basis(ctx: StageContext) -> tuple[Basis, str]:
+    """The basis of kind `basis.kind` (bases.KINDS) at every multiple of the interval
+    but the last snapshot (no interval follows it)."""
+    b = ctx.cfg.basis
+    spec = {
+        "train": ctx.train_key,
+        "kind": b.kind,
+        "k": b.k,
+        "interval": b.interval,
+        "tol": b.tol,
+        "maxiter": b.maxiter,
+        "seed": b.seed,
+    }
+    if b.chunk_size is not None:  # sums in another order: another basis in its last bits
+        spec["chunk_size"] = b.chunk_size
+
+    def compute() -> Basis:
+        return KINDS[b.kind](ctx, steps_at(ctx.trained, b.interval, int(ctx.trained.steps[-1]) - 1))
+
+    return ctx.cache.get_or_compute("basis", spec, compute, Basis)
+
+
+def stage_decompose(
+    ctx: StageContext,
+    directions: Callable[[], torch.Tensor | Coordinates],
+    parent_key: str,
+    name: str,
+    second_order: str,
+) -> tuple[Decomposition, str]:
+    """POLCA of every evaluation token along `directions()` between evaluation points,
+    reading the snapshots one at a time (a cache hit needs neither). Cached as stage
+    `name` under the directions' key `parent_key`."""
+    cfg, task, device = ctx.cfg, ctx.task, ctx.device
+    spec = {
+        "parent": parent_key,
+        "interval": cfg.polca.interval,
+        "second_order": second_order,
+        "route": cfg.polca.route,
+    }
+
+    def compute() -> Decomposition:
+        vectors = directions()
+        steps = steps_at(ctx.trained, cfg.polca.interval, int(ctx.trained.steps[-1]), least=2)
+        thetas = ctx.trained.store.sequence(steps, device=device)
+        model = ctx.source.model(task).to(device)
+        batch = {k: v.to(device) for k, v in task.eval_split.batch().items()}
+        loss = ModuleLoss(model, batch, task.token_loss)
+        if second_order == "exact":  # before any work: nested forward mode must be right here
+            check = ModuleLoss(model, {k: v[:2] for k, v in batch.items()}, task.token_loss)
+            try:
+                error = check_second_order(check, thetas[0])
+            except SecondOrderError as err:  # a setting this model cannot take: one clear line
+                raise ConfigError(str(err)) from err
+            log.info("exact second order checked against double backward: relative error %.1e", error)
+        traj = decompose_trajectory(
+            loss,
+            thetas,
+            vectors if isinstance(vectors, Coordinates) else vectors.to(device),
+            second_order,
+            route=cfg.polca.route,
+            progress=ctx.progress,
+        )
+        parameters = vectors.indices.numpy() if isinstance(vectors, Coordinates) else None
+        return traj.numpy(steps, parameters)
+
+    return ctx.cache.get_or_compute(name, spec, compute, Decomposition)
