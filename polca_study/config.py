@@ -17,7 +17,6 @@ from polca_study import bases, cluster, methods, source
 from polca_study.cluster import ClusterConfig
 from polca_study.errors import ConfigError, at_least, choice, did_you_mean
 from polca_study.model import ModelConfig
-from polca_study.source import SnapshotsConfig
 from polca_study.tasks import TASKS
 from polca_study.train import TrainConfig
 
@@ -85,7 +84,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: Any = MISSING  # the task's schema (tasks.TASKS), typed by the group option
     train: TrainConfig = field(default_factory=TrainConfig)
-    snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
+    snapshots: Any = MISSING  # the source's own schema (source.SOURCES), typed by the group option
     basis: BasisConfig = field(default_factory=BasisConfig)
     polca: PolcaConfig = field(default_factory=PolcaConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -108,6 +107,8 @@ def register() -> None:
     # outside any group, so `--help` lists only real datasets as the group's options
     for kind in TASKS.values():
         cs.store(name=f"{kind.name}_schema", node=kind.schema)
+    for name, src in source.SOURCES.items():
+        cs.store(name=f"{name}_snapshots_schema", node=src.schema)
 
 
 def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
@@ -150,7 +151,10 @@ def validate(cfg: DictConfig) -> Config:
     choice("dataset.name", name, TASKS)
     if not isinstance(obj.dataset, TASKS[name].schema):
         raise ConfigError(f"dataset.name={name!r} needs the dataset group's schema: use dataset={name}")
-    choice("snapshots.kind", obj.snapshots.kind, source.KINDS)
+    kind = getattr(obj.snapshots, "kind", None)
+    choice("snapshots.kind", kind, source.SOURCES)
+    if not isinstance(obj.snapshots, source.SOURCES[kind].schema):
+        raise ConfigError(f"snapshots.kind={kind!r} needs the snapshots group's schema: use snapshots={kind}")
     ours = obj.snapshots.kind == "train"  # other sources' steps are whatever they hold
     t = obj.train
     for name in ("steps", "batch_size", "checkpoint_every"):

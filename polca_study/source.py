@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from polca_study.errors import ConfigError
+from polca_study.errors import ConfigError, choice
 from polca_study.snapshots import SnapshotStore, SnapshotWriter, parameters_of, snapshot_bytes
 from polca_study.train import TrainRun, train
 
@@ -45,25 +45,42 @@ log = logging.getLogger("polca_study")
 OURS = "polca_study.model.Transformer"
 
 
-@dataclass
-class SnapshotsConfig:
-    """The `snapshots` group."""
+# Each source has its own `snapshots` node: a setting of another source is refused.
+# `tokenizer` (all of them): for text, a pretrained tokenizer (hub id or directory) in
+# place of one trained on the corpus.
 
-    kind: str = "train"  # train | recorded | huggingface
-    # recorded: the store's directory (or the run directory holding snapshots/);
-    # huggingface: a hub id (EleutherAI/pythia-70m) or a local directory of checkpoints
-    path: str | None = None
-    # huggingface: revisions (hub: step1000, ...; local: checkpoint-500, ...); empty: every
-    # checkpoint-N/ in a local directory
-    revisions: list[str] = field(default_factory=list)
-    # huggingface: the training step of each revision; empty: the number in its name
-    steps: list[int] = field(default_factory=list)
-    # "package.module:function" returning the module (called with the manifest's config);
-    # for recorded runs of a model that is neither ours nor a `transformers` one
-    factory: str | None = None
-    # text: a pretrained tokenizer (hub id or directory) in place of one trained on the
-    # corpus; null for huggingface: the model's own (its path)
+
+@dataclass
+class TrainSnapshots:
+    """`snapshots=train`: our own training (train.*), written into the cache as it goes."""
+
+    kind: str = "train"
     tokenizer: str | None = None
+
+
+@dataclass
+class RecordedSnapshots:
+    """`snapshots=recorded`: a store recorded in your own loop (`record.SnapshotRecorder`)."""
+
+    kind: str = "recorded"
+    path: str | None = None  # the store's directory (or the run directory holding snapshots/)
+    # "package.module:function" returning the module (called with the manifest's config),
+    # for a model that is neither ours nor a `transformers` one
+    factory: str | None = None
+    tokenizer: str | None = None
+
+
+@dataclass
+class HuggingFaceSnapshots:
+    """`snapshots=huggingface`: a `transformers` causal LM at several revisions."""
+
+    kind: str = "huggingface"
+    path: str | None = None  # a hub id (EleutherAI/pythia-70m) or a local directory of checkpoints
+    # revisions (hub: step1000, ...; local: checkpoint-500, ...); empty: every checkpoint-N/
+    # in a local directory
+    revisions: list[str] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # each revision's step; empty: from its name
+    tokenizer: str | None = None  # the yaml sets the model's own (its path)
 
 
 class ModelOf(nn.Module):
@@ -150,7 +167,10 @@ def evaluate_snapshots(store: SnapshotStore, module: nn.Module, task, device) ->
 
 class Source(ABC):
     """Snapshots for the stages. `prepare` returns (TrainRun, key): the key names the
-    snapshots in the cache keys of the stages that read them."""
+    snapshots in the cache keys of the stages that read them. A source is a class here
+    with its config node (`schema`, a dataclass) and an entry in `SOURCES`."""
+
+    schema: type
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -171,7 +191,7 @@ class Source(ABC):
 
     def build(self, task) -> nn.Module:
         """A fresh module of the snapshots' architecture, in the mode it is built in."""
-        return build_model(self._info, self.snapshots.factory)
+        return build_model(self._info, getattr(self.snapshots, "factory", None))
 
     def _opened(self, store: SnapshotStore, key: str, task, cache, device) -> tuple[TrainRun, str]:
         """A store made elsewhere, checked against the model it describes, with its
@@ -185,6 +205,8 @@ class Source(ABC):
 
 class TrainedHere(Source):
     """Our trainer, writing the store into the cache as it goes; a killed run resumes."""
+
+    schema = TrainSnapshots
 
     def model_config(self, task):
         m = self.cfg.model
@@ -268,6 +290,8 @@ def _curves(cache, spec: dict, store: SnapshotStore, module, task, device) -> pd
 class RecordedSource(Source):
     """A store recorded elsewhere (`SnapshotRecorder`, or our trainer), read in place."""
 
+    schema = RecordedSnapshots
+
     def prepare(self, task, cache, device, progress):
         path = Path(self.snapshots.path or "")
         if not self.snapshots.path or not path.exists():
@@ -293,6 +317,8 @@ class HuggingFaceSource(Source):
     float32 with eager attention, written into a store in the cache and released, so
     one model is in memory at a time; an interrupted import resumes at the revision it
     had reached."""
+
+    schema = HuggingFaceSnapshots
 
     def revisions(self) -> list[tuple[str, int]]:
         s = self.snapshots
@@ -375,14 +401,11 @@ SOURCES: dict[str, type[Source]] = {
     "recorded": RecordedSource,
     "huggingface": HuggingFaceSource,
 }
-KINDS = tuple(SOURCES)
 
 
 def make_source(cfg) -> Source:
-    kind = cfg.snapshots.kind
-    if kind not in SOURCES:
-        raise ValueError(f"snapshots.kind must be one of {list(KINDS)}, got {kind!r}")
-    return SOURCES[kind](cfg)
+    choice("snapshots.kind", cfg.snapshots.kind, SOURCES)
+    return SOURCES[cfg.snapshots.kind](cfg)
 
 
 def snapshot_steps(trained: TrainRun, every: int, last: int | None = None) -> np.ndarray:

@@ -111,14 +111,17 @@ def test_schema_defaults_are_the_default_run():
     from omegaconf import OmegaConf
 
     from polca_study.config import Config
+    from polca_study.source import TrainSnapshots
     from polca_study.tasks.arithmetic import ArithmeticConfig
 
     def defaults(cls) -> dict:  # the declared defaults, before __post_init__ derives any
         out = {}
         for f in fields(cls):
             value = f.default if f.default is not MISSING else f.default_factory()
-            if f.name == "dataset":
+            if f.name == "dataset":  # typed by the group's option: the default run's
                 value = ArithmeticConfig
+            if f.name == "snapshots":
+                value = TrainSnapshots
             out[f.name] = (
                 defaults(value)
                 if isinstance(value, type) and is_dataclass(value)

@@ -41,6 +41,22 @@ def test_revision_names_give_steps_and_bad_settings_name_the_field(tmp_path):
         validate(compose_config(["snapshots.kind=wandb"]))
 
 
+def test_each_source_has_its_own_config_node(tmp_path):
+    """A setting of another source is not silently carried along: Hydra refuses it."""
+    from hydra.errors import ConfigCompositionException
+
+    assert set(compose_config().snapshots) == {"kind", "tokenizer"}
+    for overrides in (
+        ["snapshots.path=runs/mine"],  # our own training reads no path
+        ["snapshots=recorded", "snapshots.path=runs/mine", "snapshots.revisions=[step0]"],
+        ["snapshots=huggingface", "snapshots.path=x", "snapshots.factory=pkg.mod:fn"],
+    ):
+        with pytest.raises(ConfigCompositionException, match=overrides[-1].split("=")[0]):
+            compose_config(overrides)
+    with pytest.raises(ConfigError, match="needs the snapshots group's schema: use snapshots=recorded"):
+        validate(compose_config(["snapshots.kind=recorded"]))
+
+
 def test_a_store_of_another_architecture_is_refused_with_its_first_difference(tmp_path):
     small = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     with SnapshotRecorder(tmp_path, every=1) as recorder:
