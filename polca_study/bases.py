@@ -37,7 +37,7 @@ def random(ctx: StageContext, steps: np.ndarray) -> Basis:
     b = ctx.cfg.basis
     m = len(steps) * b.k
     g = torch.Generator().manual_seed(b.seed)
-    vectors, _ = torch.linalg.qr(torch.randn(ctx.trained.store.numel, m, generator=g))
+    vectors, _ = torch.linalg.qr(torch.randn(ctx.run.store.numel, m, generator=g))
     nan = torch.full((m,), float("nan"))
     return Basis(vectors, nan, nan, 0, torch.arange(len(steps)).repeat_interleave(b.k))
 
@@ -47,7 +47,7 @@ def _lanczos(ctx: StageContext, steps: np.ndarray, order: np.ndarray | None) -> 
 
     b, task = ctx.cfg.basis, ctx.task
     visited = steps if order is None else steps[order]
-    thetas = ctx.trained.store.sequence(visited, device=ctx.device)  # read lazily
+    thetas = ctx.run.store.sequence(visited, device=ctx.device)  # read lazily
     model = ctx.source.model(task).to(ctx.device)
     batch = {k: v.to(ctx.device) for k, v in task.hessian_split().batch().items()}
     n = len(next(iter(batch.values())))

@@ -24,7 +24,7 @@ import numpy as np
 
 if TYPE_CHECKING:  # config.py reads the method names: keep torch and scipy out of it
     from polca_study.polca import Coordinates, Decomposition
-    from polca_study.train import TrainRun
+    from polca_study.train import SnapshotRun
 
 
 @dataclass
@@ -41,16 +41,16 @@ class Parameters:
     declares them gets the decomposition along them (first order) beside the basis's."""
 
     name: str  # names the cached decomposition
-    choose: Callable[[TrainRun], Coordinates]
+    choose: Callable[[SnapshotRun], Coordinates]
 
 
-def largest_parameters(trained: TrainRun, count: int = 50) -> Coordinates:
+def largest_parameters(run: SnapshotRun, count: int = 50) -> Coordinates:
     """LCA's parameters: the `count` largest in magnitude at the end of training."""
     import torch
 
     from polca_study.polca import Coordinates
 
-    final = trained.store.flat(int(trained.steps[-1]))
+    final = run.store.flat(int(run.steps[-1]))
     return Coordinates(torch.argsort(-final.abs(), stable=True)[:count], final.numel(), final.dtype)
 
 

@@ -236,11 +236,11 @@ def _run(
         task = make_task(cfg.dataset, cache)
     labels = task.eval_split.labels
     with stage("train", timings, memory):  # or the snapshots of another source
-        trained, train_key = source.prepare(task, cache, device, progress)
+        snapshots, train_key = source.prepare(task, cache, device, progress)
     tracker.define_training_metrics()
     history_group = TASKS[task.name].history_group
-    _log_history(tracker, trained.history, trained.train_loss, history_group)
-    ctx = StageContext(cfg, task, source, trained, train_key, cache, device, progress)
+    _log_history(tracker, snapshots.history, snapshots.train_loss, history_group)
+    ctx = StageContext(cfg, task, source, snapshots, train_key, cache, device, progress)
     with stage("basis", timings, memory):
         basis, basis_key = stage_basis(ctx)
     with stage("decompose", timings, memory):
@@ -252,7 +252,7 @@ def _run(
         if parameters is not None:  # the method's own directions: single parameters
             lca, _ = stage_decompose(
                 ctx,
-                lambda: parameters.choose(trained),
+                lambda: parameters.choose(snapshots),
                 f"{train_key}/{parameters.name}",
                 parameters.name,
                 "none",
@@ -263,14 +263,14 @@ def _run(
     table = tables["clusters"]
     metrics.update(approximation_error(traj))
     metrics["unallocated_share"] = unallocated_share(cfg.method.name, traj, lca)
-    final_acc = trained.history[trained.history.step == trained.history.step.max()]
+    final_acc = snapshots.history[snapshots.history.step == snapshots.history.step.max()]
     metrics.update(
         {
             "final_accuracy": float(np.average(final_acc.accuracy, weights=final_acc.tokens)),
             "basis_residual_max": float(np.nanmax(basis.residuals.numpy())) if basis.hvps else float("nan"),
             "basis_hvps": int(basis.hvps),
             "cache_hits": dict(cache.hits),
-            "seconds": {**timings, "train_compute": float(trained.seconds)},
+            "seconds": {**timings, "train_compute": float(snapshots.seconds)},
             "peak_memory_mb": peak_memory_mb(),
             "peak_memory_mb_after": memory,
             "wandb_run": tracker.path,
@@ -288,7 +288,7 @@ def _run(
         write_atomic(run_dir / "assignments.npy", lambda p: _save_npy(p, assign))
         task.write_outputs(run_dir, metrics, tables, tracker)
         figures = (
-            task.figures(run_dir / "figures", trained.history, curves, assign, labels, table)
+            task.figures(run_dir / "figures", snapshots.history, curves, assign, labels, table)
             if cfg.figures
             else {}
         )
@@ -296,7 +296,7 @@ def _run(
         tracker.images(figures)
         tracker.table("clusters", table)
         log_study_charts(
-            tracker, task.skill, history_group, trained.history, traj, curves, assign, labels, table
+            tracker, task.skill, history_group, snapshots.history, traj, curves, assign, labels, table
         )
         if cfg.logger.log_artifacts and cfg.save_trajectories:
             # named by the decomposition it holds, so a version means the same inputs

@@ -65,7 +65,9 @@ def aggregate_loss(ax, history: pd.DataFrame, table: pd.DataFrame, yscale: str =
     ax.set(xlabel="step", ylabel="loss", yscale=yscale, title="aggregate loss, cluster breakthroughs (red)")
 
 
-def cluster_curves(curves, assign, rows: pd.DataFrame, path: Path, title, color=lambda r: "tab:blue") -> Path:
+def plot_cluster_curves(
+    curves, assign, rows: pd.DataFrame, path: Path, title, color=lambda r: "tab:blue"
+) -> Path:
     """Median and quartiles of each row's cluster curves, one panel a cluster; `title`
     and `color` map a row to its panel's subtitle and colour."""
     fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3), squeeze=False)
@@ -89,7 +91,7 @@ def _top_rows(table: pd.DataFrame, n: int = 6) -> pd.DataFrame:
 
 def top_clusters(curves, assign, labels, table, path: Path) -> Path:
     """Median and quartiles of the most carry-homogeneous clusters' curves (paper Fig. 1/4)."""
-    return cluster_curves(
+    return plot_cluster_curves(
         curves,
         assign,
         _top_rows(table),
@@ -128,7 +130,7 @@ def text_figures(out_dir: Path, history, curves, assign, labels, table) -> dict[
     paths = {"learning_curves": text_learning_curves(history, table, out_dir / "learning_curves.png")}
     if len(table):
         rows = _labelled_rows(table)
-        paths["top_clusters"] = cluster_curves(
+        paths["top_clusters"] = plot_cluster_curves(
             curves,
             assign,
             rows,

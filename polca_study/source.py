@@ -7,7 +7,7 @@
                            revisions such as Pythia's step1000, or a local directory of
                            saved checkpoints (checkpoint-500/, ...)
 
-Every source hands the stages the same thing: a `TrainRun` (a snapshot store and the
+Every source hands the stages the same thing: a `SnapshotRun` (a snapshot store and the
 learning curves of the evaluation tokens at each snapshot) and a module of the right
 architecture to evaluate the loss through `functional_call`. The stages never ask which
 source they have: a new source is a class here and an entry in `SOURCES`.
@@ -38,7 +38,7 @@ from torch import nn
 
 from polca_study.errors import ConfigError, choice
 from polca_study.snapshots import SnapshotStore, SnapshotWriter, parameters_of, snapshot_bytes
-from polca_study.train import TrainRun, train
+from polca_study.train import SnapshotRun, train
 
 log = logging.getLogger("polca_study")
 
@@ -166,7 +166,7 @@ def evaluate_snapshots(store: SnapshotStore, module: nn.Module, task, device) ->
 
 
 class Source(ABC):
-    """Snapshots for the stages. `prepare` returns (TrainRun, key): the key names the
+    """Snapshots for the stages. `prepare` returns (SnapshotRun, key): the key names the
     snapshots in the cache keys of the stages that read them. A source is a class here
     with its config node (`schema`, a dataclass) and an entry in `SOURCES`."""
 
@@ -178,7 +178,7 @@ class Source(ABC):
         self._info: dict | None = None
 
     @abstractmethod
-    def prepare(self, task, cache, device, progress) -> tuple[TrainRun, str]:
+    def prepare(self, task, cache, device, progress) -> tuple[SnapshotRun, str]:
         """The snapshots and their learning curves, and the key that names them."""
 
     def model(self, task) -> nn.Module:
@@ -193,14 +193,14 @@ class Source(ABC):
         """A fresh module of the snapshots' architecture, in the mode it is built in."""
         return build_model(self._info, getattr(self.snapshots, "factory", None))
 
-    def _opened(self, store: SnapshotStore, key: str, task, cache, device) -> tuple[TrainRun, str]:
+    def _opened(self, store: SnapshotStore, key: str, task, cache, device) -> tuple[SnapshotRun, str]:
         """A store made elsewhere, checked against the model it describes, with its
         learning curves evaluated once and cached."""
         self._info = store.model
         module = self.model(task)
         check_matches(store, module)
         history = _curves(cache, {"snapshots": key, "dataset": task.spec}, store, module, task, device)
-        return TrainRun(store, history, pd.DataFrame(columns=["step", "loss"]), 0.0), key
+        return SnapshotRun(store, history, pd.DataFrame(columns=["step", "loss"]), 0.0), key
 
 
 class TrainedHere(Source):
@@ -248,7 +248,7 @@ class TrainedHere(Source):
                 model_info=model_info(model),
             )
 
-        return cache.get_or_build("train", spec, build, TrainRun.load)
+        return cache.get_or_build("train", spec, build, SnapshotRun.load)
 
 
 def check_disk(where: Path, model: nn.Module, train_cfg) -> None:
@@ -408,9 +408,9 @@ def make_source(cfg) -> Source:
     return SOURCES[cfg.snapshots.kind](cfg)
 
 
-def snapshot_steps(trained: TrainRun, every: int, last: int | None = None) -> np.ndarray:
+def snapshot_steps(run: SnapshotRun, every: int, last: int | None = None) -> np.ndarray:
     """The stored steps that are multiples of `every` (and at most `last`)."""
-    steps = trained.steps[trained.steps % every == 0]
+    steps = run.steps[run.steps % every == 0]
     if last is not None:
         steps = steps[steps <= last]
     return steps

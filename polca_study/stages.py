@@ -26,7 +26,7 @@ from polca_study.polca import (
 )
 from polca_study.source import Source, snapshot_steps
 from polca_study.task import Task
-from polca_study.train import TrainRun
+from polca_study.train import SnapshotRun
 
 log = logging.getLogger("polca_study")
 
@@ -39,20 +39,20 @@ class StageContext:
     cfg: Config
     task: Task
     source: Source
-    trained: TrainRun
+    run: SnapshotRun  # the snapshots, trained here or imported, and their learning curves
     train_key: str  # the snapshots' cache key, the parent of every stage below
     cache: StageCache
     device: torch.device
     progress: bool
 
 
-def steps_at(trained: TrainRun, every: int, last: int, least: int = 1) -> np.ndarray:
+def steps_at(run: SnapshotRun, every: int, last: int, least: int = 1) -> np.ndarray:
     """The stored steps that are multiples of `every` and ≤ last; at least `least`."""
-    steps = snapshot_steps(trained, every, last)
+    steps = snapshot_steps(run, every, last)
     if len(steps) < least:
         raise ConfigError(
             f"an interval of {every} steps leaves {len(steps)} of the stored snapshots "
-            f"(steps {trained.steps[:5].tolist()}...); this stage needs {least}: choose an "
+            f"(steps {run.steps[:5].tolist()}...); this stage needs {least}: choose an "
             "interval that divides more of them"
         )
     return steps
@@ -75,7 +75,7 @@ def stage_basis(ctx: StageContext) -> tuple[Basis, str]:
         spec["chunk_size"] = b.chunk_size
 
     def compute() -> Basis:
-        return KINDS[b.kind](ctx, steps_at(ctx.trained, b.interval, int(ctx.trained.steps[-1]) - 1))
+        return KINDS[b.kind](ctx, steps_at(ctx.run, b.interval, int(ctx.run.steps[-1]) - 1))
 
     return ctx.cache.get_or_compute("basis", spec, compute, Basis)
 
@@ -100,8 +100,8 @@ def stage_decompose(
 
     def compute() -> Decomposition:
         vectors = directions()
-        steps = steps_at(ctx.trained, cfg.polca.interval, int(ctx.trained.steps[-1]), least=2)
-        thetas = ctx.trained.store.sequence(steps, device=device)
+        steps = steps_at(ctx.run, cfg.polca.interval, int(ctx.run.steps[-1]), least=2)
+        thetas = ctx.run.store.sequence(steps, device=device)
         model = ctx.source.model(task).to(device)
         batch = {k: v.to(device) for k, v in task.eval_split.batch().items()}
         loss = ModuleLoss(model, batch, task.token_loss)

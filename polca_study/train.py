@@ -48,8 +48,10 @@ class TrainConfig:
 
 
 @dataclass
-class TrainRun:
-    """A finished training run: its snapshot store and records, read lazily."""
+class SnapshotRun:
+    """Snapshots and their records, read lazily: a finished training run of ours, or the
+    snapshots of another source (recorded, Hugging Face revisions) with the learning
+    curves evaluated on them (no training loss, 0 seconds)."""
 
     store: SnapshotStore
     history: pd.DataFrame  # evaluation: step, place/tag, carry, loss, accuracy, tokens
@@ -66,7 +68,7 @@ class TrainRun:
         write_atomic(directory / "run.json", lambda p: p.write_text(json.dumps({"seconds": self.seconds})))
 
     @classmethod
-    def load(cls, directory: Path) -> TrainRun:
+    def load(cls, directory: Path) -> SnapshotRun:
         return cls(
             SnapshotStore(directory / "snapshots"),
             pd.read_parquet(directory / "history.parquet"),
@@ -97,7 +99,7 @@ def train(
     progress: bool = True,
     model_info: dict | None = None,
     on_eval: Callable[[int, dict], None] | None = None,
-) -> TrainRun:
+) -> SnapshotRun:
     """Train `model` on `batches` (an iterator of (inputs, targets)) for `cfg.steps` steps,
     writing `directory`/snapshots (the store) and, when it already holds a saved state,
     continuing from it."""
@@ -154,7 +156,7 @@ def train(
             count = step // cfg.checkpoint_every
             if cfg.resume_every and count % cfg.resume_every == 0 and step < cfg.steps:
                 _save_state(directory / "resume", step, model, opt, sched, rows, train_rows)
-    run = TrainRun(
+    run = SnapshotRun(
         SnapshotStore(directory / "snapshots"),
         pd.concat(rows, ignore_index=True),
         pd.DataFrame(train_rows, columns=["step", "loss"]),

@@ -41,7 +41,7 @@ AUSTEN_BOOKS = (
     "northangerabbey",
     "persuasion",
 )
-SOURCES = ("austen", "files", "huggingface")
+CORPORA = ("austen", "files", "huggingface")
 
 
 class CorpusMissing(FileNotFoundError):
@@ -72,7 +72,7 @@ def load_documents(
     elif source == "huggingface":
         docs = huggingface(**(hf or {}), max_chars=max_chars)
     else:
-        raise ValueError(f"dataset.source must be one of {list(SOURCES)}, got {source!r}")
+        raise ValueError(f"dataset.source must be one of {list(CORPORA)}, got {source!r}")
     if max_chars is not None:
         docs = truncate(docs, max_chars)
     if not any(d.strip() for d in docs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polca_study.data.corpus import SOURCES
+from polca_study.data.corpus import CORPORA
 from polca_study.data.tagging import TAGGERS
 from polca_study.errors import ConfigError, at_least, choice
 from polca_study.task import Task, TaskKind, TaskMetrics
@@ -39,7 +39,7 @@ class TextConfig:
     seed: int = 0
 
     def __post_init__(self):
-        choice("dataset.source", self.source, SOURCES)
+        choice("dataset.source", self.source, CORPORA)
         choice("dataset.tagger", self.tagger, TAGGERS)
         if self.source == "files" and not self.files:
             raise ConfigError("dataset.files must list text files (paths or globs) for dataset.source=files")
