@@ -22,7 +22,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -568,6 +568,15 @@ class Decomposition:
             if k not in ("steps", "parameters")
         }
         return Decomposition(**arrays, steps=np.asarray(steps), parameters=parameters)
+
+    def as_paper(self) -> Decomposition:
+        """An exact decomposition as the paper's mode: POLCA = first order + the paper's
+        second-order approximation, which the exact mode computes beside its own term
+        (λ(X,b) as the sum of the per-token curvatures instead of a Hessian-vector
+        product of the summed loss: the same number, one decomposition for both modes)."""
+        if self.paper_second is None:
+            raise ValueError("only an exact decomposition holds the paper's second-order term")
+        return replace(self, polca=self.first_order + self.paper_second)
 
 
 def _exact_second(now: StepTerms, step: Tensor) -> Tensor:

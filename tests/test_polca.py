@@ -370,6 +370,10 @@ def test_trajectory_exact_mode_also_gives_the_paper_approximation():
         first = brute_force(loss_fn, checkpoints[t], checkpoints[t + 1], vectors, "none")
         torch.testing.assert_close(exact.first_order[:, t], first)
         torch.testing.assert_close(exact.paper_second[:, t], paper - first, rtol=1e-8, atol=1e-12)
+        # the study's `paper` mode reads it off the exact decomposition
+        torch.testing.assert_close(exact.as_paper().polca[:, t], paper, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="only an exact decomposition"):
+        decompose_trajectory(loss_fn, checkpoints, vectors, "path", progress=False).as_paper()
     # grads at each checkpoint are <b, ∇L(x;θ_t)>
     jac = torch.autograd.functional.jacobian(loss_fn, checkpoints[2])
     torch.testing.assert_close(exact.grads[:, 2], jac @ vectors)
