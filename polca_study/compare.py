@@ -79,6 +79,11 @@ def summary_metrics() -> dict[str, str]:
     return merged | {"hidden_breakthrough_fraction": "hidden BT frac."}
 
 
+def view_metrics() -> tuple[str, ...]:
+    """The W&B workspace's headline bar charts: each task's, and the hidden breakthroughs."""
+    return _union(*(t.views for t in _tasks()), ("hidden_breakthrough_fraction",))
+
+
 def headline_metrics() -> tuple[str, ...]:
     """Each task's objective and its excess (summary.md's paired part, the W&B views)."""
     return _union(*(t.headline for t in _tasks()))

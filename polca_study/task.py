@@ -53,6 +53,7 @@ class TaskMetrics:
     paired: tuple[str, ...]  # POLCA minus each baseline, paired by seed (paired.md)
     summary: Mapping[str, str] = field(default_factory=dict)  # summary.md: metric -> heading
     headline: tuple[str, ...] = ()  # the objective and its excess: summary.md's paired part
+    views: tuple[str, ...] = ()  # bar charts of the W&B workspace's headline section
 
 
 @dataclass(frozen=True)

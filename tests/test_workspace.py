@@ -44,7 +44,7 @@ def test_workspace_has_the_four_sections_and_their_panels(spec):
     assert list(panels) == ["Headline metrics", "Tuning", "Cluster trajectories", "Tables"]
 
     bars = panels["Headline metrics"]
-    assert [p["viewType"] for p in bars] == ["Bar Chart"] * 5
+    assert [p["viewType"] for p in bars] == ["Bar Chart"] * len(views.HEADLINE_METRICS)
     assert [p["config"]["metrics"] for p in bars] == [[m] for m in views.HEADLINE_METRICS]
     # the mean over a condition's seeds, with one standard deviation as error bars
     assert {(p["config"]["groupAgg"], p["config"]["groupArea"]) for p in bars} == {("mean", "stddev")}

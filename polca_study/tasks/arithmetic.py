@@ -144,6 +144,7 @@ METRICS = TaskMetrics(
         "carry_top1_carry_homogeneity": "top carry hom.",
     },
     headline=("carry_recovery", "carry_recovery_excess"),
+    views=("carry_recovery", "carry_recovery_excess", "carry_top1_carry_homogeneity"),
 )
 
 KIND = TaskKind("arithmetic", ArithmeticConfig, build, history_group, METRICS)

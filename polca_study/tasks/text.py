@@ -178,6 +178,7 @@ METRICS = TaskMetrics(
     paired=("label_purity_excess",),
     summary={"label_purity_excess": "purity excess"},
     headline=("label_purity_excess",),
+    views=("label_purity_excess",),
 )
 
 KIND = TaskKind("text", TextConfig, build, history_group, METRICS)
