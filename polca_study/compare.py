@@ -74,9 +74,15 @@ def paired_metrics() -> tuple[str, ...]:
 
 
 def summary_metrics() -> dict[str, str]:
-    """summary.md's columns: each task's main metrics and the hidden breakthroughs."""
+    """summary.md's columns: each task's main metrics, the hidden breakthroughs, the
+    share of the loss change a method leaves unallocated and (exact mode) the paper's
+    second-order approximation's relative error."""
     merged = {k: v for t in _tasks() for k, v in t.summary.items()}
-    return merged | {"hidden_breakthrough_fraction": "hidden BT frac."}
+    return merged | {
+        "hidden_breakthrough_fraction": "hidden BT frac.",
+        "unallocated_share": "unallocated",
+        "paper_second_order_relative_error": "paper 2nd-order error",
+    }
 
 
 def view_metrics() -> tuple[str, ...]:
