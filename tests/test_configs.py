@@ -161,3 +161,15 @@ def test_relative_paths_resolve_against_where_the_command_ran(tmp_path):
     assert cfg.dataset.files == [str(tmp_path / "corpus/*.txt"), "/abs/x.txt"]
     assert cfg.snapshots.path == str(tmp_path / "runs/mine")  # exists there: a path
     assert cfg.snapshots.tokenizer == "EleutherAI/pythia-70m"  # does not: a hub id
+
+
+def test_the_schemas_import_neither_scipy_nor_hdbscan():
+    """Every CLI process and `--help` imports the schemas: the Lanczos code (scipy), the
+    clustering (hdbscan) and the models of other libraries load when a stage runs."""
+    import sys
+
+    heavy = ["scipy.sparse.linalg", "hdbscan", "sklearn", "transformers", "polca_study.polca"]
+    code = f"import sys, polca_study.config; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
