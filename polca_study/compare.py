@@ -28,6 +28,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
+from polca_study.tasks import TASKS
+
 log = logging.getLogger(__name__)
 
 # Every task's runs have these; each task adds its own (tasks.TASKS[...].metrics).
@@ -51,9 +53,7 @@ COMMON_PAIRED_METRICS = ("hidden_breakthrough_fraction",)
 
 
 def _tasks():
-    from polca_study.tasks import TASKS
-
-    return [kind.metrics for kind in TASKS.values()]
+    return [kind.metrics for kind in TASKS.values()]  # read at call time: tasks may be added
 
 
 def _union(*groups) -> tuple[str, ...]:
@@ -108,12 +108,12 @@ def comparison_table(sweep_dir: Path) -> pd.DataFrame:
     overrides = [job_overrides(p.parent) for p in summaries]
     keys = sorted({k for o in overrides for k in o})
     varying = [k for k in keys if len({o.get(k) for o in overrides}) > 1] or keys
-    rows = []
+    rows, headings = [], columns()
     for summary, over in zip(summaries, overrides, strict=True):
         metrics = json.loads(summary.read_text())
         label = ", ".join(f"{k}={over[k]}" for k in varying if k in over) or summary.parent.name
         row = {"job": label, "method": metrics.get("method")}
-        row.update({name: metrics.get(key) for key, name in columns().items()})
+        row.update({name: metrics.get(key) for key, name in headings.items()})
         rows.append(row)
     return pd.DataFrame(rows).dropna(axis=1, how="all")  # arithmetic or text columns only
 
@@ -129,7 +129,7 @@ RUN_KEYS = ("cache_dir", "num_threads", "logger", "progress", "figures", "save_t
 def seed_frame(sweep_dir: Path) -> pd.DataFrame:
     """One row per job: its condition (the overrides that vary between jobs, other than
     the seed, as text), the condition's method and context parts, its seed and metrics."""
-    rows = []
+    rows, wanted = [], seed_metrics()
     summaries = sorted(Path(sweep_dir).rglob("summary.json"))
     overrides = [job_overrides(p.parent) for p in summaries]
     keys = {k for o in overrides for k in o}
@@ -145,7 +145,7 @@ def seed_frame(sweep_dir: Path) -> pd.DataFrame:
                 "method": _label(method) or "method=polca",
                 "context": _label(context),
                 "seed": metrics.get("seed", over.get("seed")),
-                **{m: metrics.get(m) for m in seed_metrics()},
+                **{m: metrics.get(m) for m in wanted},
             }
         )
     frame = pd.DataFrame(rows)
