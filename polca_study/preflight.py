@@ -145,4 +145,11 @@ def _unknown_key(full_key: str, overrides: list[str]) -> str:
 
 
 def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    """The message's first line, and the line after it when the first only introduces it
+    (Hydra's "ConfigKeyError raised while composing config:" names no key by itself)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]

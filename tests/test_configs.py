@@ -173,3 +173,12 @@ def test_the_schemas_import_neither_scipy_nor_hdbscan():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_composition_error_keeps_its_reason():
+    # Hydra's message puts the reason on its second line; the one-line error keeps it
+    from polca_study.preflight import check_command_line
+
+    problem = check_command_line(["-m", "+sweep=compare_methods", "hydra/launcher=basic", "seed=200"])
+    assert problem is not None
+    assert "Key 'n_jobs' not in 'BasicLauncherConf'" in problem and "\n" not in problem
