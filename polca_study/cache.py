@@ -146,9 +146,17 @@ class StageCache:
                 result = None if forced else self.load(stage, key)  # another job's, meanwhile
                 self.hits[stage] = result is not None
                 if result is None:
-                    result = compute()
-                    self.save(stage, key, spec, _fields(result), replace=forced)
-                    return result, key
+                    computed = compute()
+                    self.save(stage, key, spec, _fields(computed), replace=forced)
+                    # Continue from what was stored, not from what was computed: a result
+                    # computed here can differ from its stored form in memory layout (a QR
+                    # factor is column-major; a loaded array is C-ordered), and float32
+                    # products over another layout sum in another order. The 1e-7 that
+                    # makes flipped HDBSCAN clusters, so a job that computed a stage and one
+                    # that read it (after a kill, or beside another job) disagreed.
+                    result = self.load(stage, key)
+                    if result is None:  # unreadable right after writing: use it as computed
+                        return computed, key
         self.hits[stage] = True
         return (result_type(**result) if result_type else result), key
 

@@ -87,3 +87,19 @@ def test_an_old_pickled_entry_is_recomputed_not_unpickled(tmp_path):
     assert StageCache(tmp_path).load("basis", key) is None
     assert _count(StageCache(tmp_path), "basis", {}, calls) == {"value": 1}  # recomputed
     assert not (entry / "payload.pt").exists()  # replaced by the new format
+
+
+def test_a_computed_stage_continues_as_a_read_one_does(tmp_path):
+    """A job that computes a stage and one that reads it go on from the same bytes in the
+    same layout: a QR factor is column-major, its stored copy C-ordered, and float32
+    products over the two sum in different orders (1e-7 apart: enough to flip clusters)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(20_000, 20, generator=g))
+    assert not q.is_contiguous()  # what LAPACK returns
+    x = torch.randn(20_000, generator=g)
+    cold, _ = StageCache(tmp_path).get_or_compute("basis", {"k": 1}, lambda: {"q": q})
+    warm, _ = StageCache(tmp_path).get_or_compute("basis", {"k": 1}, lambda: {"q": None})
+    assert cold["q"].stride() == warm["q"].stride()
+    assert torch.equal(cold["q"].T @ x, warm["q"].T @ x)
