@@ -151,12 +151,13 @@ class StageCache:
                     # Continue from what was stored, not from what was computed: a result
                     # computed here can differ from its stored form in memory layout (a QR
                     # factor is column-major; a loaded array is C-ordered), and float32
-                    # products over another layout sum in another order. The 1e-7 that
-                    # makes flipped HDBSCAN clusters, so a job that computed a stage and one
-                    # that read it (after a kill, or beside another job) disagreed.
-                    result = self.load(stage, key)
-                    if result is None:  # unreadable right after writing: use it as computed
+                    # products over another layout sum in another order. Such 1e-7
+                    # differences flipped HDBSCAN clusters: a job that computed a stage and
+                    # one that read it (after a kill, or beside another job) disagreed.
+                    stored = self.load(stage, key)
+                    if stored is None:  # unreadable right after writing: use it as computed
                         return computed, key
+                    return (result_type(**stored) if result_type else stored), key
         self.hits[stage] = True
         return (result_type(**result) if result_type else result), key
 
