@@ -141,6 +141,7 @@ class StageCache:
         key = stage_key(stage, spec)
         forced = stage in self.force or "all" in self.force
         result = None if forced else self.load(stage, key)
+        self.hits[stage] = result is not None
         if result is None:
             with self.lock(stage, key):
                 result = None if forced else self.load(stage, key)  # another job's, meanwhile
@@ -154,11 +155,9 @@ class StageCache:
                     # products over another layout sum in another order. Such 1e-7
                     # differences flipped HDBSCAN clusters: a job that computed a stage and
                     # one that read it (after a kill, or beside another job) disagreed.
-                    stored = self.load(stage, key)
-                    if stored is None:  # unreadable right after writing: use it as computed
-                        return computed, key
-                    return (result_type(**stored) if result_type else stored), key
-        self.hits[stage] = True
+                    result = self.load(stage, key)
+                    if result is None:  # unreadable right after writing: go on as computed
+                        result = _fields(computed)
         return (result_type(**result) if result_type else result), key
 
     def get_or_build(
