@@ -25,14 +25,14 @@ class ClusterConfig:
     """HDBSCAN and trajectory settings (the `cluster` config group). The defaults are the
     default run's: POLCA's tuned settings (conf/method/polca.yaml)."""
 
-    min_cluster_size: int = 51
-    min_samples: float = 2  # a count (>= 1) or a fraction of the clustered tokens (< 1)
+    min_cluster_size: int = 27
+    min_samples: float = 9  # a count (>= 1) or a fraction of the clustered tokens (< 1)
     selection_method: str = "eom"  # eom | leaf
     metric: str = "euclidean"
-    normalize: str = "zscore"  # none | zscore (per token) | final (divide by final value)
+    normalize: str = "final"  # none | zscore (per token) | final (divide by final value)
     feature: str = "trajectory"  # trajectory | increments | window
     window: list[int] = field(default_factory=lambda: [0, -1])  # step range for "window"
-    grouping: str = "place"  # none | place (cluster each digit place) | subtract_place
+    grouping: str = "subtract_place"  # none | place (cluster each digit place) | subtract_place
     filter_rising: bool = True  # the paper's filter: drop tokens whose decomposed loss rises
 
 

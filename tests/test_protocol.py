@@ -148,4 +148,4 @@ def test_tuned_settings_on_the_search_path_replace_the_packaged_ones(tmp_path):
 
     assert composed("method=loss").cluster.min_cluster_size == 77
     assert composed("method=loss", "cluster=paper").cluster.min_cluster_size == 150
-    assert composed("method=polca").cluster.min_cluster_size == 51  # no tuned file: the package's
+    assert composed("method=polca").cluster.min_cluster_size == 27  # no tuned file: the package's
