@@ -52,7 +52,7 @@ compare: install
 	$(VENV)/bin/polca-study-wandb multirun/studies/compare_methods --study-group tune_methods
 
 # POLCA's exact and paper second-order modes, into the same directory and tables. One
-# exact decomposition (about 10x path's) serves both: the paper jobs run after, on it.
+# exact decomposition (about 11x path's) serves both: the paper jobs run after, on it.
 compare-modes: install
 	$(COMPARE) seed=200,201,202 method=polca polca=exact
 	$(COMPARE) seed=200,201,202 method=polca polca=paper

@@ -35,8 +35,11 @@ import torch
 from polca_study.atomic import write_atomic
 
 log = logging.getLogger(__name__)
-# Bump when a stage's computation changes, so old entries are not reused.
-CODE_VERSION = {"train": 2, "basis": 2, "decompose": 2, "lca": 2}
+# Bump when a stage's computation changes, so old entries are not reused. decompose 3:
+# a job continues from a stage's stored form (below), so decompositions along a random
+# basis differ by 1e-7 from those of version 2, which projected along the computed
+# column-major QR factor; an old cache would otherwise keep the old values.
+CODE_VERSION = {"train": 2, "basis": 2, "decompose": 3, "lca": 2}
 # Stages that `force=[<name>]` recomputes besides the one of that name: LCA's
 # per-parameter decomposition (stage "lca") is a decomposition too.
 FORCE_ALSO = {"decompose": {"lca"}}
