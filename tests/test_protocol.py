@@ -61,7 +61,8 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
         assert cfg.method.name == m
         assert all(OmegaConf.select(cfg, k) == v for k, v in best.items())
 
-    # held out: seeds 3 and 4, every method and ablation, tuned and paper protocols
+    # held out: seeds 3 and 4, every method and ablation, tuned and paper protocols, both
+    # data regimes
     compare_dir = tmp_path / "compare"
     polca(
         [
@@ -72,7 +73,7 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
             "num_threads=1",
             "logger=offline",
             "seed=3,4",
-            "dataset.carry_rate=0.08",
+            "dataset.carry_rate=0.08,null",  # both data regimes
             "method=loss,loss_change,fisher,lca,polca_first_order,polca,random_basis,shuffled_basis",
             "cluster=tuned,paper",
             f"hydra.sweep.dir={compare_dir}",
@@ -89,7 +90,7 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
             "num_threads=1",
             "logger=disabled",
             "seed=3,4",
-            "dataset.carry_rate=0.08",
+            "dataset.carry_rate=0.08,null",  # both data regimes
             "method=polca",
             "polca=exact,paper",
             "cluster=tuned",
@@ -99,7 +100,7 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
         timeout=900,
     )
     jobs = sorted(compare_dir.rglob("summary.json"))
-    assert len(jobs) == 2 * 8 * 2 + 2 * 2
+    assert len(jobs) == 2 * (2 * 8 * 2 + 2 * 2)  # regimes x (tuned and paper rows + modes) x seeds
     # the tuned settings were used (but the sizes, which experiment=tiny sets for its scale)
     job = next(p.parent for p in jobs if "cluster=tuned" in str(p) and "method=loss," in str(p))
     used = OmegaConf.load(job / "config.yaml").cluster
@@ -108,11 +109,15 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
         assert used[key] == want[key]
     seeds = pd.read_csv(compare_dir / "seeds.csv")
     recovery = seeds[seeds.metric == "carry_recovery"]
-    assert len(recovery) == 8 * 2 + 2 and (recovery.n == 2).all()
+    assert len(recovery) == 2 * (8 * 2 + 2) and (recovery.n == 2).all()
     assert (recovery.ci_low <= recovery["mean"]).all() and (recovery["mean"] <= recovery.ci_high).all()
     paired = pd.read_csv(compare_dir / "paired.csv")
     baselines = set(paired[paired.metric == "carry_recovery"].baseline)
     assert {"method=loss", "method=lca", "method=random_basis", "method=polca, polca=exact"} <= baselines
+    random = paired[(paired.metric == "carry_recovery") & (paired.baseline == "method=random_basis")]
+    assert {"cluster=tuned, dataset.carry_rate=0.08", "cluster=tuned, dataset.carry_rate=null"} <= set(
+        random.context
+    )
     summary = json.loads(jobs[0].read_text())
     assert {
         "carry_recovery_excess",
