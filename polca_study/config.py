@@ -93,7 +93,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
-    num_threads: int | None = None  # torch CPU threads; None: torch's default
+    num_threads: int | None = None  # torch, BLAS and OpenMP threads; None: every core this process may use
     cache_dir: str = "${oc.env:POLCA_CACHE_DIR,.cache/polca_study}"
     force: list[str] = field(default_factory=list)  # stages to recompute
     progress: bool = True

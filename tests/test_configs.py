@@ -179,6 +179,16 @@ def test_a_composition_error_keeps_its_reason():
     # Hydra's message puts the reason on its second line; the one-line error keeps it
     from polca_study.preflight import check_command_line
 
-    problem = check_command_line(["-m", "+sweep=compare_methods", "hydra/launcher=basic", "seed=200"])
+    problem = check_command_line(["-m", "+sweep=tune_methods", "hydra/sweeper=basic"])
     assert problem is not None
-    assert "Key 'n_jobs' not in 'BasicLauncherConf'" in problem and "\n" not in problem
+    assert "Key 'study_name' not in 'BasicSweeperConf'" in problem and "\n" not in problem
+
+
+@pytest.mark.parametrize("sweep", ["tune_methods", "compare_methods"])
+@pytest.mark.parametrize("launcher", ["submitit_slurm", "submitit_local", "basic"])
+def test_the_named_studies_run_on_any_launcher(sweep, launcher):
+    # docs/cluster.md's commands: a sweep that set a joblib-only key (n_jobs) could not
+    # be composed with another launcher
+    from polca_study.preflight import check_command_line
+
+    assert check_command_line(["-m", f"+sweep={sweep}", f"hydra/launcher={launcher}", "seed=200"]) is None

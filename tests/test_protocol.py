@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from polca_study.methods import METHODS
 from tests.conftest import POLCA, ROOT
-from tests.test_study import polca, wandb_records
+from tests.test_study import polca
+from tests.test_tracking import run_state
 
 # the methods the tuning study tunes: the basis ablations use POLCA's settings
 TUNED = [name for name, method in METHODS.items() if method.basis is None]
@@ -126,8 +127,9 @@ def test_tiny_protocol_tunes_every_method_alike_then_compares_on_held_out_seeds(
         "aggregate_breakthrough_step",
     } <= set(summary)
     # each job is a W&B run in the comparison's group, with its seed and method
-    records = json.dumps(wandb_records(job))
-    assert "compare_methods" in records and '"seed"' in records and '"method"' in records
+    state = run_state(job)
+    assert state["run"]["run_group"] == "compare_methods"
+    assert (state["config"]["seed"], state["config"]["method_name"]) == (3, "loss")
 
 
 def test_tuned_settings_on_the_search_path_replace_the_packaged_ones(tmp_path):

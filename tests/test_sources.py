@@ -69,6 +69,7 @@ def test_a_store_of_another_architecture_is_refused_with_its_first_difference(tm
         RecordedSource(cfg).prepare(None, None, torch.device("cpu"), False)
 
 
+@pytest.mark.slow
 def test_our_training_read_back_as_a_recorded_run_gives_the_same_study(tmp_path, tiny_overrides, env):
     """The recorded source is an independent route to the same snapshots: the study's
     decomposition and clusters must be those of the run that trained them."""
@@ -145,6 +146,7 @@ def text_overrides(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_a_recorded_neox_run_and_its_hf_checkpoints_run_end_to_end(neox_run, tmp_path, env):
     recorded = text_overrides(tmp_path) + [
         "snapshots=recorded",

@@ -153,6 +153,7 @@ def planted(monkeypatch):
     store.repo["dataset"].pop("planted.yaml")  # other tests' `dataset` group as shipped
 
 
+@pytest.mark.slow
 def test_a_third_task_runs_the_whole_study_from_its_own_file(planted, tmp_path):
     overrides = [
         "dataset=planted",
@@ -190,9 +191,35 @@ def test_a_third_task_runs_the_whole_study_from_its_own_file(planted, tmp_path):
 
 def test_the_learning_curves_are_grouped_by_the_tasks_own_rows(planted):
     split = examples(50, 0.5, np.random.default_rng(0))
+    from polca_study import charts
     from polca_study.model import ModelConfig, Transformer
+    from polca_study.pipeline import _log_history
 
     model = Transformer(ModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, n_ctx=3, d_vocab=7)).eval()
-    record = pd.DataFrame(evaluate(model, split))
-    groups = record.apply(TASKS["planted"].history_group, axis=1)
-    assert sorted(groups) == ["first", "second"]
+    with torch.no_grad():
+        history = pd.concat([pd.DataFrame(evaluate(model, split)).assign(step=s) for s in (0, 10)])
+
+    class Recorder:  # what the pipeline hands W&B
+        active = True
+
+        def __init__(self):
+            self.logged, self.series = {}, {}
+
+        def log(self, data, step=None):
+            self.logged[step] = data
+
+        def line_series(self, name, xs, ys, names, title):
+            self.series[name] = names
+
+    tracker = Recorder()
+    _log_history(tracker, history, None, TASKS["planted"].history_group)
+    charts.learning_curves(tracker, history, TASKS["planted"].history_group)
+    assert sorted(tracker.logged) == [0, 10]
+    for data in tracker.logged.values():
+        assert {"eval_loss/first", "eval_loss/second", "eval_accuracy/first", "eval_accuracy/second"} <= set(
+            data
+        )
+    assert tracker.series == {
+        "learning_curves_accuracy": ["first", "second"],
+        "learning_curves_loss": ["first", "second"],
+    }
