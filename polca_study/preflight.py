@@ -56,7 +56,7 @@ def _check(overrides: list[str], multirun: bool) -> str | None:
     base = _compose(fixed, hydra=True)  # the sweeper's params live in Hydra's node
     if isinstance(base, str):
         return base
-    jobs = _jobs(base, sweeps)
+    jobs = _jobs(base, sweeps, {o.get_key_element() for o in parsed if not o.is_sweep_override()})
     for values in itertools.islice(jobs, MAX_JOBS):
         values = list(values)
         cfg = _compose(fixed + values)
@@ -66,14 +66,16 @@ def _check(overrides: list[str], multirun: bool) -> str | None:
     return None
 
 
-def _jobs(base, sweeps) -> itertools.product:
+def _jobs(base, sweeps, fixed: set[str]) -> itertools.product:
     """The value combinations a multirun would launch: the command line's sweeps and the
     basic sweeper's `hydra.sweeper.params`; an optimiser's intervals (Optuna) are left at
-    their configured values, its choices expanded."""
+    their configured values, its choices expanded. A key the command line sets (`fixed`,
+    or one of its sweeps) replaces the params' axis, as in Hydra's sweepers."""
     lines = {}
     params = OmegaConf.select(base, "hydra.sweeper.params", default=None) or {}
     for key, value in params.items():
-        lines[key] = f"{key}={value}"
+        if key not in fixed:
+            lines[key] = f"{key}={value}"
     for o in sweeps:
         lines[o.get_key_element()] = o.input_line
     axes = []

@@ -184,6 +184,17 @@ def test_a_composition_error_keeps_its_reason():
     assert "Key 'study_name' not in 'BasicSweeperConf'" in problem and "\n" not in problem
 
 
+ONE_JOB = {  # each study's axes fixed on the command line: one job to compose
+    "tune_methods": [
+        "method=polca",
+        "cluster.selection_method=eom",
+        "cluster.normalize=final",
+        "cluster.grouping=none",
+    ],
+    "compare_methods": ["method=polca", "dataset.carry_rate=0.08", "seed=200"],
+}
+
+
 @pytest.mark.parametrize("sweep", ["tune_methods", "compare_methods"])
 @pytest.mark.parametrize("launcher", ["submitit_slurm", "submitit_local", "basic"])
 def test_the_named_studies_run_on_any_launcher(sweep, launcher):
@@ -191,4 +202,26 @@ def test_the_named_studies_run_on_any_launcher(sweep, launcher):
     # be composed with another launcher
     from polca_study.preflight import check_command_line
 
-    assert check_command_line(["-m", f"+sweep={sweep}", f"hydra/launcher={launcher}", "seed=200"]) is None
+    assert (
+        check_command_line(["-m", f"+sweep={sweep}", f"hydra/launcher={launcher}", *ONE_JOB[sweep]]) is None
+    )
+
+
+def test_the_check_composes_the_jobs_that_will_run(monkeypatch):
+    """A key the command line sets replaces the sweep's axis (as in Hydra's sweepers):
+    `seed=200` runs the seed-200 jobs only, and only those are composed."""
+    from polca_study import preflight
+
+    composed = []
+    compose = preflight._compose
+    monkeypatch.setattr(preflight, "_compose", lambda o, hydra=False: composed.append(o) or compose(o, hydra))
+    assert (
+        preflight.check_command_line(["-m", "+sweep=compare_methods", "seed=200", "method=polca,loss"])
+        is None
+    )
+    jobs = composed[1:]  # after the base config
+    assert len(jobs) == 2 * 2  # the sweep's two data regimes x the command line's two methods
+    assert all(
+        job.count("seed=200") == 1 and not any(o.startswith("seed=20") and o != "seed=200" for o in job)
+        for job in jobs
+    )
