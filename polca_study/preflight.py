@@ -56,7 +56,7 @@ def _check(overrides: list[str], multirun: bool) -> str | None:
     base = _compose(fixed, hydra=True)  # the sweeper's params live in Hydra's node
     if isinstance(base, str):
         return base
-    jobs = _jobs(base, sweeps, {o.get_key_element() for o in parsed if not o.is_sweep_override()})
+    jobs = _jobs(base, parsed)
     for values in itertools.islice(jobs, MAX_JOBS):
         values = list(values)
         cfg = _compose(fixed + values)
@@ -66,18 +66,20 @@ def _check(overrides: list[str], multirun: bool) -> str | None:
     return None
 
 
-def _jobs(base, sweeps, fixed: set[str]) -> itertools.product:
+def _jobs(base, command_line) -> itertools.product:
     """The value combinations a multirun would launch: the command line's sweeps and the
     basic sweeper's `hydra.sweeper.params`; an optimiser's intervals (Optuna) are left at
-    their configured values, its choices expanded. A key the command line sets (`fixed`,
-    or one of its sweeps) replaces the params' axis, as in Hydra's sweepers."""
+    their configured values, its choices expanded. A key the command line sets replaces
+    the params' axis, as in Hydra's sweepers (a fixed value is in every job already)."""
     lines = {}
     params = OmegaConf.select(base, "hydra.sweeper.params", default=None) or {}
     for key, value in params.items():
-        if key not in fixed:
-            lines[key] = f"{key}={value}"
-    for o in sweeps:
-        lines[o.get_key_element()] = o.input_line
+        lines[key] = f"{key}={value}"
+    for o in command_line:
+        if o.is_sweep_override():
+            lines[o.get_key_element()] = o.input_line
+        else:
+            lines.pop(o.get_key_element(), None)
     axes = []
     for override in OverridesParser.create().parse_overrides(list(lines.values())):
         if not override.is_sweep_override():

@@ -11,8 +11,7 @@ from omegaconf import OmegaConf
 
 from polca_study.methods import METHODS
 from tests.conftest import POLCA, ROOT
-from tests.test_study import polca
-from tests.test_tracking import run_state
+from tests.test_study import polca, run_state
 
 # the methods the tuning study tunes: the basis ablations use POLCA's settings
 TUNED = [name for name, method in METHODS.items() if method.basis is None]

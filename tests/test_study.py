@@ -34,6 +34,23 @@ def wandb_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
+def run_state(run_dir: Path) -> dict:
+    """The run record, config, summary, declared metrics and logged keys of an offline run."""
+    records = wandb_records(run_dir)
+    run = next(r["run"] for r in records if r["type"] == "run")
+    config, summary, history = {}, {}, []
+    for r in records:
+        if r["type"] == "config":
+            config.update(r["config"]["update"])
+        elif r["type"] == "summary":
+            summary.update(r["summary"].get("update", {}))
+        elif r["type"] == "history":
+            history.append(r["history"]["item"])
+    config.update(run["config"]["update"])
+    metrics = [r["metric"] for r in records if r["type"] == "metric"]
+    return {"run": run, "config": config, "summary": summary, "history": history, "metrics": metrics}
+
+
 def test_tiny_study_writes_outputs_and_an_offline_wandb_run(tmp_path, tiny_overrides, env):
     run_dir = tmp_path / "run"
     polca(tiny_overrides + ["figures=true", "polca=exact", f"hydra.run.dir={run_dir}"], env)
@@ -63,8 +80,6 @@ def test_tiny_study_writes_outputs_and_an_offline_wandb_run(tmp_path, tiny_overr
     assert len(frame) == 60 * 4 * 5  # tokens x evaluation intervals
     assert (run_dir / "config.yaml").exists()
     assert (run_dir / "figures" / "top_clusters.png").stat().st_size > 1000
-    from tests.test_tracking import run_state  # (test_tracking imports this module)
-
     state = run_state(run_dir)
     logged = {k.split(".")[0] for h in state["history"] for k in h}
     for key in (
@@ -179,8 +194,6 @@ def test_tiny_text_study_labels_clusters_with_nearest_contexts(tmp_path, env):
     assert markdown.count("## vector") == len(table) and "⟦" in markdown
     frame = pd.read_parquet(run_dir / "trajectories.parquet")
     assert {"token", "token_text", "tag_w0", "tag_w-3", "step", "polca_0"} <= set(frame)
-    from tests.test_tracking import run_state
-
     state = run_state(run_dir)
     logged = {k.split(".")[0] for h in state["history"] for k in h}
     assert {"eval/loss", "eval_loss/OTHER", "tables/cluster_contexts"} <= logged

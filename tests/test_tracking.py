@@ -10,26 +10,9 @@ import pandas as pd
 import pytest
 
 from polca_study.tracking import flat_summary, numeric_frame
-from tests.test_study import polca, wandb_records
+from tests.test_study import polca, run_state
 
 pytestmark = pytest.mark.slow
-
-
-def run_state(run_dir: Path) -> dict:
-    """The run record, config, summary, declared metrics and logged keys of an offline run."""
-    records = wandb_records(run_dir)
-    run = next(r["run"] for r in records if r["type"] == "run")
-    config, summary, history = {}, {}, []
-    for r in records:
-        if r["type"] == "config":
-            config.update(r["config"]["update"])
-        elif r["type"] == "summary":
-            summary.update(r["summary"].get("update", {}))
-        elif r["type"] == "history":
-            history.append(r["history"]["item"])
-    config.update(run["config"]["update"])
-    metrics = [r["metric"] for r in records if r["type"] == "metric"]
-    return {"run": run, "config": config, "summary": summary, "history": history, "metrics": metrics}
 
 
 def logged_table(run_dir: Path, key: str) -> pd.DataFrame:
