@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -141,27 +141,47 @@ class StageCache:
         """The cached result of `stage` for `spec`, computing and storing it on a miss.
         Returns (result, key). `result_type`: the dataclass `compute` returns (saved field
         by field, rebuilt on load); None for a dict."""
-        key = stage_key(stage, spec)
+        return self.get_or_compute_together(stage, [spec], lambda missing: [compute()], result_type)[0]
+
+    def get_or_compute_together(
+        self,
+        stage: str,
+        specs: list[dict],
+        compute: Callable[[list[int]], list[Any]],
+        result_type: type | None = None,
+    ) -> list[tuple[Any, str]]:
+        """`get_or_compute` for entries that are cheaper computed in one pass:
+        `compute(missing)` returns the results of the specs at those indices, in order.
+        The first spec is the caller's own (`hits` records it). The missing entries are
+        locked in key order, so jobs that need overlapping groups wait for each other
+        instead of computing an entry twice or deadlocking."""
+        keys = [stage_key(stage, spec) for spec in specs]
         forced = stage in self.force or "all" in self.force
-        result = None if forced else self.load(stage, key)
-        self.hits[stage] = result is not None
-        if result is None:
-            with self.lock(stage, key):
-                result = None if forced else self.load(stage, key)  # another job's, meanwhile
-                self.hits[stage] = result is not None
-                if result is None:
-                    computed = compute()
-                    self.save(stage, key, spec, _fields(computed), replace=forced)
+        results = [None if forced else self.load(stage, key) for key in keys]
+        self.hits[stage] = results[0] is not None
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            with ExitStack() as held:
+                for key in sorted({keys[i] for i in missing}):
+                    held.enter_context(self.lock(stage, key))
+                if not forced:  # another job's, meanwhile
+                    for i in missing:
+                        results[i] = self.load(stage, keys[i])
+                self.hits[stage] = results[0] is not None
+                missing = [i for i, r in enumerate(results) if r is None]
+                computed = compute(missing) if missing else []
+                for i, value in zip(missing, computed, strict=True):
+                    self.save(stage, keys[i], specs[i], _fields(value), replace=forced)
                     # Continue from what was stored, not from what was computed: a result
                     # computed here can differ from its stored form in memory layout (a QR
                     # factor is column-major; a loaded array is C-ordered), and float32
                     # products over another layout sum in another order. Such 1e-7
                     # differences flipped HDBSCAN clusters: a job that computed a stage and
                     # one that read it (after a kill, or beside another job) disagreed.
-                    result = self.load(stage, key)
-                    if result is None:  # unreadable right after writing: go on as computed
-                        result = _fields(computed)
-        return (result_type(**result) if result_type else result), key
+                    results[i] = self.load(stage, keys[i])
+                    if results[i] is None:  # unreadable right after writing: go on as computed
+                        results[i] = _fields(value)
+        return [(result_type(**r) if result_type else r, key) for r, key in zip(results, keys, strict=True)]
 
     def get_or_build(
         self, stage: str, spec: dict, build: Callable[[Path], None], open_: Callable[[Path], Any]

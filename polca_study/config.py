@@ -49,6 +49,10 @@ class PolcaConfig:
     interval: int = 25  # steps between evaluation points
     second_order: str = "path"  # none | exact | paper | path
     route: str = "auto"  # first-order route: auto | forward | reverse
+    # basis kinds whose decompositions a decompose pass computes beside its own when they
+    # are missing (modes none and path: one per-position backward serves every basis;
+    # each is cached as if computed alone, bit for bit). The comparison sets all three.
+    alongside: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -179,6 +183,8 @@ def validate(cfg: DictConfig) -> Config:
             raise ConfigError(f"{path}={interval} must not exceed train.steps={t.steps}")
     choice("polca.second_order", obj.polca.second_order, polca.SECOND_ORDER_MODES)
     choice("polca.route", obj.polca.route, polca.ROUTES)
+    for kind in obj.polca.alongside:
+        choice("polca.alongside", kind, BASIS_KINDS)
     c = obj.cluster
     at_least("cluster.min_cluster_size", c.min_cluster_size, 2)
     if not c.min_samples > 0:

@@ -37,7 +37,7 @@ from polca_study.score import (
     delta_points,
 )
 from polca_study.source import make_source
-from polca_study.stages import StageContext, stage_basis, stage_decompose
+from polca_study.stages import StageContext, other_bases, stage_basis, stage_decompose
 from polca_study.task import Task
 from polca_study.tasks import TASKS, make_task
 
@@ -245,7 +245,7 @@ def _run(
         basis, basis_key = stage_basis(ctx)
     with stage("decompose", timings, memory):
         traj, decompose_key = stage_decompose(
-            ctx, lambda: basis.vectors, basis_key, "decompose", cfg.polca.second_order
+            ctx, lambda: basis.vectors, basis_key, "decompose", cfg.polca.second_order, other_bases(ctx)
         )
         lca = None
         parameters = METHODS[cfg.method.name].parameters

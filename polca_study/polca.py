@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[Tensor], Tensor]
 SECOND_ORDER_MODES = ("none", "exact", "paper", "path")
 ROUTES = ("auto", "forward", "reverse")
+# Modes whose terms are first-order directional derivatives only: decompositions along
+# several sets of directions share the reverse route's backward passes.
+SHARED_PASS_MODES = ("none", "path")
 
 # Relative costs in forward passes, used to choose a first-order route (measured on CPU:
 # a jvp costs about 2.7 forward passes, a backward about 2).
@@ -487,13 +490,19 @@ class StepTerms:
     curvatures: Tensor | None = None  # (n, m)  bᵀH(x;θ)b
 
 
-def _terms(loss_fn: LossFn, theta: Tensor, vectors: Tensor, exact: bool, route: str) -> StepTerms:
+def _terms(
+    loss_fn: LossFn, theta: Tensor, sets: Sequence[Tensor | Coordinates], exact: bool, route: str
+) -> list[StepTerms]:
+    """Each set's terms at θ. First-order terms of a model come from one pass for all sets
+    (`ModuleLoss.directional_sets`); exact curvatures are computed set by set."""
     if exact:
-        losses, grads, curv = second_order_directional(loss_fn, theta, vectors)
-        terms = StepTerms(losses, grads, curv)
+        terms = [StepTerms(*second_order_directional(loss_fn, theta, v)) for v in sets]
+    elif hasattr(loss_fn, "directional_sets"):
+        terms = [StepTerms(*pair) for pair in loss_fn.directional_sets(theta, sets, route=route)]
     else:
-        terms = StepTerms(*first_order(loss_fn, theta, vectors, route))
-    _check_finite("per_example_loss_fn", terms.losses, "a checkpoint")
+        terms = [StepTerms(*first_order(loss_fn, theta, v, route)) for v in sets]
+    for t in terms:
+        _check_finite("per_example_loss_fn", t.losses, "a checkpoint")
     return terms
 
 
@@ -609,6 +618,25 @@ def decompose_trajectory(
     are taken one at a time and at most two are held: a lazy sequence (a snapshot
     store's) is read from disk as the walk goes.
     """
+    return decompose_trajectories(
+        per_example_loss_fn, checkpoints, [vectors], second_order, route=route, progress=progress
+    )[0]
+
+
+def decompose_trajectories(
+    per_example_loss_fn: LossFn,
+    checkpoints: Sequence[Tensor],
+    sets: Sequence[Tensor | Coordinates],
+    second_order: str = "exact",
+    *,
+    route: str = "auto",
+    progress: bool = True,
+) -> list[Decomposition]:
+    """`decompose_trajectory` along several sets of directions in one walk over the
+    checkpoints. Each set's decomposition is the one it gets alone, bit for bit; in the
+    first-order-only modes ("none", "path") the reverse route's per-position backward
+    passes are shared by all sets (random and shuffled bases beside the Hessian basis
+    cost their projections, not another pass)."""
     _check_mode(second_order)
     _check_route(route)
     if len(checkpoints) < 2:
@@ -617,37 +645,51 @@ def decompose_trajectory(
     walk = iter(checkpoints)
     theta = next(walk)
     _check_vector("checkpoints[0]", theta)
-    _check_vectors(vectors, theta)
-    now = _terms(per_example_loss_fn, theta, vectors, exact, route)
-    losses, grads = [now.losses], [now.grads]
-    polca, first, exact_second, paper_second = [], [], [], []
+    for vectors in sets:
+        _check_vectors(vectors, theta)
+    now = _terms(per_example_loss_fn, theta, sets, exact, route)
+    walks = [_Walk(terms) for terms in now]
     bar = tqdm(total=len(checkpoints) - 1, desc="decompose", disable=not progress)
     for t, theta_next in enumerate(walk):
         _check_vector(f"checkpoints[{t + 1}]", theta_next, like=theta)
-        nxt = _terms(per_example_loss_fn, theta_next, vectors, exact, route)
-        step = project(vectors, theta_next - theta)  # (m,)
-        first.append(now.grads * step)
-        aggregate = None
-        if second_order == "paper":  # λ_t(X, b) of the summed loss, by double backward
-            aggregate = aggregate_curvature(per_example_loss_fn, theta, vectors)
-        polca.append(_combine(second_order, now, nxt, step, aggregate))
-        if exact:  # the paper's approximation beside it, from the exact curvatures' sum
-            exact_second.append(_exact_second(now, step))
-            paper_second.append(_paper_second(now, nxt, step, now.curvatures.sum(0)))
-        losses.append(nxt.losses)
-        grads.append(nxt.grads)
+        nxt = _terms(per_example_loss_fn, theta_next, sets, exact, route)
+        for vectors, w, a, b in zip(sets, walks, now, nxt, strict=True):
+            aggregate = None
+            if second_order == "paper":  # λ_t(X, b) of the summed loss, by double backward
+                aggregate = aggregate_curvature(per_example_loss_fn, theta, vectors)
+            w.step(second_order, a, b, project(vectors, theta_next - theta), aggregate)
         theta, now = theta_next, nxt
         bar.update()
     bar.close()
-    stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731
-    return Decomposition(
-        polca=stack(polca),
-        first_order=stack(first),
-        losses=torch.stack(losses, dim=1),
-        grads=torch.stack(grads, dim=1),
-        exact_second=stack(exact_second),
-        paper_second=stack(paper_second),
-    )
+    return [w.result() for w in walks]
+
+
+class _Walk:
+    """One set's terms collected along the checkpoints."""
+
+    def __init__(self, start: StepTerms):
+        self.losses, self.grads = [start.losses], [start.grads]
+        self.polca, self.first, self.exact_second, self.paper_second = [], [], [], []
+
+    def step(self, mode: str, now: StepTerms, nxt: StepTerms, step: Tensor, aggregate: Tensor | None) -> None:
+        self.first.append(now.grads * step)
+        self.polca.append(_combine(mode, now, nxt, step, aggregate))
+        if mode == "exact":  # the paper's approximation beside it, from the exact curvatures' sum
+            self.exact_second.append(_exact_second(now, step))
+            self.paper_second.append(_paper_second(now, nxt, step, now.curvatures.sum(0)))
+        self.losses.append(nxt.losses)
+        self.grads.append(nxt.grads)
+
+    def result(self) -> Decomposition:
+        stack = lambda xs: torch.stack(xs, dim=1) if xs else None  # noqa: E731
+        return Decomposition(
+            polca=stack(self.polca),
+            first_order=stack(self.first),
+            losses=torch.stack(self.losses, dim=1),
+            grads=torch.stack(self.grads, dim=1),
+            exact_second=stack(self.exact_second),
+            paper_second=stack(self.paper_second),
+        )
 
 
 # --------------------------------------------------------------------- module adapter
@@ -804,11 +846,24 @@ class ModuleLoss:
         return [n for n in self.names if n not in covered]
 
     def directional(self, theta: Tensor, vectors: Tensor, route: str = "auto"):
+        return self.directional_sets(theta, [vectors], route)[0]
+
+    def directional_sets(
+        self, theta: Tensor, sets: Sequence[Tensor | Coordinates], route: str = "auto"
+    ) -> list[tuple[Tensor, Tensor]]:
+        """(losses, derivatives) along each set of directions. Each set takes the route it
+        would take alone and gets the same numbers bit for bit; the sets on the reverse
+        route share its per-position backward passes, the expensive part, and differ only
+        in their projections."""
         _check_route(route)
-        if route == "auto":
-            route = self.choose_route(vectors.shape[1])
-        if route == "forward":
-            return forward_directional(self, theta, vectors)
+        routes = [self.choose_route(v.shape[1]) if route == "auto" else route for v in sets]
+        out: list[tuple[Tensor, Tensor] | None] = [
+            forward_directional(self, theta, v) if r == "forward" else None
+            for v, r in zip(sets, routes, strict=True)
+        ]
+        reverse = [i for i, r in enumerate(routes) if r == "reverse"]
+        if not reverse:
+            return out
         missing = self.unsupported_parameters()
         if missing:
             raise ValueError(
@@ -817,10 +872,15 @@ class ModuleLoss:
             )
         S = self.positions()[0]
         parts = [
-            self._reverse(theta.detach(), vectors, _slice(self.batch, i, self.chunk_sequences))
-            for i in range(0, S, self.chunk_sequences)
+            self._reverse(
+                theta.detach(), [sets[i] for i in reverse], _slice(self.batch, s, self.chunk_sequences)
+            )
+            for s in range(0, S, self.chunk_sequences)
         ]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        losses = torch.cat([p[0] for p in parts])
+        for j, i in enumerate(reverse):
+            out[i] = (losses, torch.cat([p[1][j] for p in parts]))
+        return out
 
     def _per_parameter(
         self, vectors: Tensor | Coordinates, device
@@ -840,8 +900,10 @@ class ModuleLoss:
             offset += size
         return out
 
-    def _reverse(self, theta: Tensor, vectors: Tensor | Coordinates, batch) -> tuple[Tensor, Tensor]:
-        basis = self._per_parameter(vectors, theta.device)
+    def _reverse(
+        self, theta: Tensor, sets: Sequence[Tensor | Coordinates], batch
+    ) -> tuple[Tensor, list[Tensor]]:
+        bases = [self._per_parameter(vectors, theta.device) for vectors in sets]
         params = {n: p.requires_grad_(True) for n, p in self.unflatten(theta.clone()).items()}
         records: list[tuple[nn.Module, str, tuple, Tensor]] = []
         prefix = {mod: name for name, mod in self.module.named_modules()}
@@ -875,7 +937,7 @@ class ModuleLoss:
                 h.remove()
         token_losses = self.token_loss(output, batch)  # (S, P)
         S, P = token_losses.shape
-        derivs = torch.zeros(S, P, vectors.shape[1], dtype=vectors.dtype, device=theta.device)
+        derivs = [torch.zeros(S, P, v.shape[1], dtype=v.dtype, device=theta.device) for v in sets]
         outs = [r[3] for r in records]
         for p in range(P):
             grads = torch.autograd.grad(
@@ -886,14 +948,15 @@ class ModuleLoss:
                     if g is None:
                         continue
                     names = owned[mod]
-                    local = {n: basis[full] for n, full in names.items()}
                     project = _projector(mod, {n: params[full].detach() for n, full in names.items()})
-                    if isinstance(vectors, Coordinates):
-                        _add_coordinates(derivs[:, p], mod, inputs, g, local, vectors.dtype, project)
-                    else:
-                        derivs[:, p] += project(inputs, g, {n: b for n, (b, _) in local.items()})
+                    for vectors, basis, d in zip(sets, bases, derivs, strict=True):
+                        local = {n: basis[full] for n, full in names.items()}
+                        if isinstance(vectors, Coordinates):
+                            _add_coordinates(d[:, p], mod, inputs, g, local, vectors.dtype, project)
+                        else:
+                            d[:, p] += project(inputs, g, {n: b for n, (b, _) in local.items()})
         records.clear()
-        return token_losses.detach().reshape(-1), derivs.reshape(S * P, -1)
+        return token_losses.detach().reshape(-1), [d.reshape(S * P, -1) for d in derivs]
 
 
 def _sequences(batch) -> int:

@@ -5,24 +5,25 @@ the decompositions along it (or along single parameters). Each is a function of 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from polca_study.bases import KINDS
-from polca_study.cache import StageCache
+from polca_study.cache import StageCache, stage_key
 from polca_study.config import Config
 from polca_study.errors import ConfigError
 from polca_study.polca import (
+    SHARED_PASS_MODES,
     Basis,
     Coordinates,
     Decomposition,
     ModuleLoss,
     SecondOrderError,
     check_second_order,
-    decompose_trajectory,
+    decompose_trajectories,
 )
 from polca_study.source import Source, snapshot_steps
 from polca_study.task import Task
@@ -58,9 +59,8 @@ def steps_at(run: SnapshotRun, every: int, last: int, least: int = 1) -> np.ndar
     return steps
 
 
-def stage_basis(ctx: StageContext) -> tuple[Basis, str]:
-    """The basis of kind `basis.kind` (bases.KINDS) at every multiple of the interval
-    but the last snapshot (no interval follows it)."""
+def basis_spec(ctx: StageContext) -> dict:
+    """What determines the basis: its cache spec."""
     b = ctx.cfg.basis
     spec = {
         "train": ctx.train_key,
@@ -73,11 +73,32 @@ def stage_basis(ctx: StageContext) -> tuple[Basis, str]:
     }
     if b.chunk_size is not None:  # sums in another order: another basis in its last bits
         spec["chunk_size"] = b.chunk_size
+    return spec
+
+
+def stage_basis(ctx: StageContext) -> tuple[Basis, str]:
+    """The basis of kind `basis.kind` (bases.KINDS) at every multiple of the interval
+    but the last snapshot (no interval follows it)."""
 
     def compute() -> Basis:
-        return KINDS[b.kind](ctx, steps_at(ctx.run, b.interval, int(ctx.run.steps[-1]) - 1))
+        return KINDS[ctx.cfg.basis.kind](
+            ctx, steps_at(ctx.run, ctx.cfg.basis.interval, int(ctx.run.steps[-1]) - 1)
+        )
 
-    return ctx.cache.get_or_compute("basis", spec, compute, Basis)
+    return ctx.cache.get_or_compute("basis", basis_spec(ctx), compute, Basis)
+
+
+def other_bases(ctx: StageContext) -> list[tuple[Callable[[], torch.Tensor], str]]:
+    """The bases of the kinds in `polca.alongside` other than this run's, as (their
+    vectors on demand, their basis key): the decompositions a decompose pass computes
+    beside its own. A basis is computed (or read) only if its decomposition is missing."""
+    out = []
+    for kind in dict.fromkeys(ctx.cfg.polca.alongside):
+        if kind == ctx.cfg.basis.kind:
+            continue
+        other = replace(ctx, cfg=replace(ctx.cfg, basis=replace(ctx.cfg.basis, kind=kind)))
+        out.append((lambda other=other: stage_basis(other)[0].vectors, stage_key("basis", basis_spec(other))))
+    return out
 
 
 def stage_decompose(
@@ -86,10 +107,15 @@ def stage_decompose(
     parent_key: str,
     name: str,
     second_order: str,
+    alongside: Sequence[tuple[Callable[[], torch.Tensor | Coordinates], str]] = (),
 ) -> tuple[Decomposition, str]:
     """POLCA of every evaluation token along `directions()` between evaluation points,
     reading the snapshots one at a time (a cache hit needs neither). Cached as stage
-    `name` under the directions' key `parent_key`."""
+    `name` under the directions' key `parent_key`.
+
+    `alongside`: other (directions, key) whose decompositions, when missing, are computed
+    in the same pass and cached as if computed alone (they are the same bit for bit). Only
+    the first-order-only modes share work across sets; the others ignore it."""
     if second_order == "paper":
         # the exact decomposition holds the paper's approximation beside the exact term:
         # one cached decomposition serves both modes (a `paper` job after an `exact` one
@@ -97,15 +123,23 @@ def stage_decompose(
         exact, key = stage_decompose(ctx, directions, parent_key, name, "exact")
         return exact.as_paper(), f"{key}-paper"
     cfg, task, device = ctx.cfg, ctx.task, ctx.device
-    spec = {
-        "parent": parent_key,
-        "interval": cfg.polca.interval,
-        "second_order": second_order,
-        "route": cfg.polca.route,
-    }
+    members = [(directions, parent_key)]
+    if second_order in SHARED_PASS_MODES:
+        members += [(d, k) for d, k in alongside if k != parent_key]
+    specs = [
+        {
+            "parent": key,
+            "interval": cfg.polca.interval,
+            "second_order": second_order,
+            "route": cfg.polca.route,
+        }
+        for _, key in members
+    ]
 
-    def compute() -> Decomposition:
-        vectors = directions()
+    def compute(missing: list[int]) -> list[Decomposition]:
+        if len(missing) > 1:
+            log.info("decomposing along %d sets of directions in one pass", len(missing))
+        sets = [members[i][0]() for i in missing]
         steps = steps_at(ctx.run, cfg.polca.interval, int(ctx.run.steps[-1]), least=2)
         thetas = ctx.run.store.sequence(steps, device=device)
         model = ctx.source.model(task).to(device)
@@ -118,15 +152,17 @@ def stage_decompose(
             except SecondOrderError as err:  # a setting this model cannot take: one clear line
                 raise ConfigError(str(err)) from err
             log.info("exact second order checked against double backward: relative error %.1e", error)
-        traj = decompose_trajectory(
+        trajs = decompose_trajectories(
             loss,
             thetas,
-            vectors if isinstance(vectors, Coordinates) else vectors.to(device),
+            [v if isinstance(v, Coordinates) else v.to(device) for v in sets],
             second_order,
             route=cfg.polca.route,
             progress=ctx.progress,
         )
-        parameters = vectors.indices.numpy() if isinstance(vectors, Coordinates) else None
-        return traj.numpy(steps, parameters)
+        return [
+            traj.numpy(steps, v.indices.numpy() if isinstance(v, Coordinates) else None)
+            for traj, v in zip(trajs, sets, strict=True)
+        ]
 
-    return ctx.cache.get_or_compute(name, spec, compute, Decomposition)
+    return ctx.cache.get_or_compute_together(name, specs, compute, Decomposition)[0]

@@ -12,6 +12,7 @@ from polca_study.polca import (
     ProjectedHessian,
     build_basis,
     decompose,
+    decompose_trajectories,
     decompose_trajectory,
     flatten_parameters,
     hessian_vector_product,
@@ -400,3 +401,33 @@ def test_chunked_hessian_vector_products_equal_the_whole_samples():
     b = build_basis(chunks, [theta], k=2, tol=1e-12)
     torch.testing.assert_close(b.eigenvalues, a.eigenvalues, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close((b.vectors.T @ a.vectors).abs(), torch.eye(2), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decompositions_in_one_pass_equal_each_computed_alone_bit_for_bit(dtype):
+    """The comparison decomposes along the Hessian, random and shuffled bases in one walk
+    (`decompose_trajectories`, sharing the reverse route's backward passes); each set's
+    decomposition must be exactly the one it gets alone, or the cached results would
+    depend on which job computed them. Brute force checks the shared pass's values."""
+    model, loss_fn = tiny_transformer_loss(seed=4)
+    model.to(dtype)
+    theta = flatten_parameters(model)
+    d = theta.numel()
+    g = torch.Generator().manual_seed(2)
+    dense_a, _ = torch.linalg.qr(torch.randn(d, 5, generator=g, dtype=dtype))
+    dense_b, _ = torch.linalg.qr(torch.randn(d, 1, generator=g, dtype=dtype))  # "auto": forward
+    coords = Coordinates(torch.argsort(-theta.abs())[:4], d, dtype)
+    sets = [dense_a, dense_b, coords]
+    checkpoints = [theta + 0.01 * i * torch.randn(d, generator=g, dtype=dtype) for i in range(3)]
+    for mode, route in (("path", "auto"), ("path", "reverse"), ("none", "reverse"), ("exact", "auto")):
+        together = decompose_trajectories(loss_fn, checkpoints, sets, mode, route=route, progress=False)
+        for vectors, joint in zip(sets, together, strict=True):
+            alone = decompose_trajectory(loss_fn, checkpoints, vectors, mode, route=route, progress=False)
+            for name in ("polca", "first_order", "losses", "grads", "exact_second"):
+                x, y = getattr(joint, name), getattr(alone, name)
+                assert (x is None and y is None) or torch.equal(x, y), (mode, route, name)
+    if dtype == torch.float64:
+        jac = torch.autograd.functional.jacobian(loss_fn, checkpoints[1])  # (n, d), independent
+        joint = decompose_trajectories(loss_fn, checkpoints, sets, "path", route="reverse", progress=False)
+        torch.testing.assert_close(joint[0].grads[:, 1], jac @ dense_a, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(joint[2].grads[:, 1], jac[:, coords.indices], rtol=1e-9, atol=1e-12)

@@ -112,6 +112,34 @@ def test_multirun_over_clustering_reuses_cached_stages(tmp_path, tiny_overrides,
     assert len(list((cache / "decompose").glob("[!.]*"))) == 1
 
 
+def test_bases_decomposed_alongside_are_the_ones_computed_alone(tmp_path, tiny_overrides, env):
+    """`polca.alongside` (the comparison's setting) decomposes along the random and
+    shuffled bases in the loss job's pass; their own jobs then read what they would have
+    computed alone in a fresh cache: the same entries (keys and payload digests), the
+    same clusters."""
+    shared = tiny_overrides + ["polca.alongside=[hessian,random,shuffled]"]
+    polca(shared + ["method=loss", f"hydra.run.dir={tmp_path}/loss"], env)
+    cache, alone = tmp_path / "cache", tmp_path / "alone"
+    assert len(list((cache / "decompose").glob("[!.]*"))) == 3
+    assert len(list((cache / "basis").glob("[!.]*"))) == 3
+    fresh = [o for o in tiny_overrides if not o.startswith("cache_dir=")] + [f"cache_dir={alone}"]
+    for method in ("random_basis", "shuffled_basis"):
+        polca(shared + [f"method={method}", f"hydra.run.dir={tmp_path}/{method}"], env)
+        polca(fresh + [f"method={method}", f"hydra.run.dir={tmp_path}/{method}-alone"], env)
+        read = json.loads((tmp_path / method / "summary.json").read_text())
+        computed = json.loads((tmp_path / f"{method}-alone" / "summary.json").read_text())
+        assert read["cache_hits"]["decompose"] is True and computed["cache_hits"]["decompose"] is False
+        assert read["carry_recovery"] == computed["carry_recovery"]
+        assert np.array_equal(
+            np.load(tmp_path / method / "assignments.npy"),
+            np.load(tmp_path / f"{method}-alone" / "assignments.npy"),
+        )
+    for entry in (alone / "decompose").glob("[!.]*"):
+        ours = json.loads((cache / "decompose" / entry.name / "meta.json").read_text())
+        assert ours["files"] == json.loads((entry / "meta.json").read_text())["files"]
+    assert len(list((alone / "decompose").glob("[!.]*"))) == 2
+
+
 def test_killed_run_resumes_without_recomputing_finished_stages(tmp_path, tiny_overrides, env):
     cache = tmp_path / "cache"
     args = tiny_overrides + [
