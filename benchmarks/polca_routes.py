@@ -6,6 +6,8 @@
 Prints, measured in one run: seconds per evaluation interval for m = 1, 10, 50 in each
 route and second-order mode, as ratios to a plain forward pass over the same tokens;
 the naive baseline (a Python loop of autograd.grad per token, dotted with the basis);
+three bases of 20 vectors (the comparison's Hessian, random and shuffled) decomposed one
+after another against in one pass (`decompose_trajectories`, `polca.alongside`);
 Hessian-vector products and time of `build_basis` (Lanczos) against power iteration
 with deflation (PyHessian's method) at residual <= 1e-3; peak memory of each case.
 Medians over repeats; the machine is shared, so read ratios, not seconds.
@@ -25,6 +27,7 @@ from polca_study.model import ModelConfig, Transformer
 from polca_study.polca import (
     ModuleLoss,
     build_basis,
+    decompose_trajectories,
     decompose_trajectory,
     flatten_parameters,
     hessian_vector_product,
@@ -97,7 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-tokens", type=int, default=200, help="0 skips the naive loop")
-    parser.add_argument("--only", choices=["routes", "basis"], default=None)
+    parser.add_argument("--only", choices=["routes", "sets", "basis"], default=None)
     parser.add_argument("--model", choices=["small", "paper"], default="small")
     parser.add_argument("--eval-size", type=int, default=1250, help="evaluation examples (4 tokens each)")
     parser.add_argument("--m", type=int, nargs="+", default=[1, 10, 50], help="basis sizes")
@@ -119,9 +122,11 @@ def main() -> None:
         f"({args.threads} threads)\n"
     )
 
-    if args.only != "basis":
+    if args.only in (None, "routes"):
         routes(args, loss, thetas, d, n, forward)
-    if args.only != "routes":
+    if args.only in (None, "sets"):
+        sets(args, loss, thetas, d)
+    if args.only in (None, "basis"):
         basis_cost(model, data, thetas, d)
 
 
@@ -168,6 +173,26 @@ def routes(args, loss, thetas, d: int, n: int, forward: float) -> None:
     print(
         f"\nnaive per-token loop, m=10: {naive_interval:.0f} s per interval (from "
         f"{args.naive_tokens} tokens), {naive_interval / fast:.0f}x the reverse route"
+    )
+
+
+def sets(args, loss, thetas, d: int, m: int = 20, count: int = 3) -> None:
+    """The comparison's bases in path mode: one decomposition each, or one pass for all."""
+    bases = [torch.linalg.qr(torch.randn(d, m))[0] for _ in range(count)]
+    steps = len(thetas) - 1
+
+    def apart():
+        for vectors in bases:
+            decompose_trajectory(loss, thetas, vectors, "path", route="reverse", progress=False)
+
+    def together():
+        decompose_trajectories(loss, thetas, bases, "path", route="reverse", progress=False)
+
+    (apart_s, apart_mb), (together_s, together_mb) = timed(apart, args.repeats), timed(together, args.repeats)
+    print(
+        f"\n{count} bases of m={m}, path mode: one after another {apart_s / steps:.2f} s/interval "
+        f"({apart_mb:.0f} MB peak), in one pass {together_s / steps:.2f} s/interval "
+        f"({together_mb:.0f} MB); apart/together {apart_s / together_s:.2f}x"
     )
 
 
