@@ -150,28 +150,33 @@ class StageCache:
         compute: Callable[[list[int]], list[Any]],
         result_type: type | None = None,
     ) -> list[tuple[Any, str]]:
-        """`get_or_compute` for entries that are cheaper computed in one pass:
-        `compute(missing)` returns the results of the specs at those indices, in order.
-        The first spec is the caller's own (`hits` records it). The missing entries are
-        locked in key order, so jobs that need overlapping groups wait for each other
-        instead of computing an entry twice or deadlocking."""
+        """`get_or_compute` for entries that are cheaper computed in one pass. The first
+        spec is the caller's own (`hits` records it, `force` recomputes it); the others
+        ride along: computed only when the caller's own entry is, and only those missing.
+        `compute(missing)` returns the results of the specs at those indices, in order,
+        None for one it could not compute (not stored; its own job will say why). The
+        missing entries are locked in key order, so jobs that need overlapping groups wait
+        for each other instead of computing an entry twice or deadlocking."""
         keys = [stage_key(stage, spec) for spec in specs]
         forced = stage in self.force or "all" in self.force
-        results = [None if forced else self.load(stage, key) for key in keys]
+        load = lambda i: None if forced and i == 0 else self.load(stage, keys[i])  # noqa: E731
+        results = [load(0)] + [None] * (len(keys) - 1)
         self.hits[stage] = results[0] is not None
-        missing = [i for i, r in enumerate(results) if r is None]
-        if missing:
+        if results[0] is None:
+            results[1:] = [load(i) for i in range(1, len(keys))]
+            missing = [i for i, r in enumerate(results) if r is None]
             with ExitStack() as held:
                 for key in sorted({keys[i] for i in missing}):
                     held.enter_context(self.lock(stage, key))
-                if not forced:  # another job's, meanwhile
-                    for i in missing:
-                        results[i] = self.load(stage, keys[i])
+                for i in missing:  # another job's, meanwhile
+                    results[i] = load(i)
                 self.hits[stage] = results[0] is not None
-                missing = [i for i, r in enumerate(results) if r is None]
+                missing = [i for i, r in enumerate(results) if r is None] if results[0] is None else []
                 computed = compute(missing) if missing else []
                 for i, value in zip(missing, computed, strict=True):
-                    self.save(stage, keys[i], specs[i], _fields(value), replace=forced)
+                    if value is None:
+                        continue
+                    self.save(stage, keys[i], specs[i], _fields(value), replace=forced and i == 0)
                     # Continue from what was stored, not from what was computed: a result
                     # computed here can differ from its stored form in memory layout (a QR
                     # factor is column-major; a loaded array is C-ordered), and float32
@@ -181,7 +186,8 @@ class StageCache:
                     results[i] = self.load(stage, keys[i])
                     if results[i] is None:  # unreadable right after writing: go on as computed
                         results[i] = _fields(value)
-        return [(result_type(**r) if result_type else r, key) for r, key in zip(results, keys, strict=True)]
+        build = lambda r: None if r is None else (result_type(**r) if result_type else r)  # noqa: E731
+        return [(build(r), key) for r, key in zip(results, keys, strict=True)]
 
     def get_or_build(
         self, stage: str, spec: dict, build: Callable[[Path], None], open_: Callable[[Path], Any]

@@ -1,5 +1,7 @@
 """The stage cache: keys, forced recomputation, integrity."""
 
+import numpy as np
+
 from polca_study.cache import StageCache
 
 
@@ -103,3 +105,34 @@ def test_a_computed_stage_continues_as_a_read_one_does(tmp_path):
     warm, _ = StageCache(tmp_path).get_or_compute("basis", {"k": 1}, lambda: {"q": None})
     assert cold["q"].stride() == warm["q"].stride()
     assert torch.equal(cold["q"].T @ x, warm["q"].T @ x)
+
+
+def test_entries_computed_together_ride_on_the_callers_own(tmp_path):
+    """The others in a group are computed only with the caller's own entry, only when
+    missing; `force` recomputes the caller's own; an entry its compute gives up on (None)
+    is not stored."""
+    calls = []
+
+    def compute(missing):
+        calls.append(missing)
+        return [None if i == 2 else {"value": np.full(2, i + 10 * len(calls))} for i in missing]
+
+    specs = [{"own": 0}, {"own": 1}, {"own": 2}]
+    cache = StageCache(tmp_path)
+    first = cache.get_or_compute_together("decompose", specs, compute)
+    assert calls == [[0, 1, 2]] and cache.hits["decompose"] is False
+    assert first[0][0]["value"].tolist() == [10, 10] and first[2][0] is None
+    assert cache.load("decompose", first[2][1]) is None  # given up on: not stored
+
+    # the second entry's own job: a hit, whatever else is missing
+    hit = StageCache(tmp_path)
+    (mine, _), *_ = hit.get_or_compute_together("decompose", [specs[1], specs[2]], compute)
+    assert calls == [[0, 1, 2]] and hit.hits["decompose"] is True
+    assert mine["value"].tolist() == [11, 11]
+
+    # the first's own missing again (forced): it is recomputed, the stored second read
+    forced = StageCache(tmp_path, {"decompose"})
+    again = forced.get_or_compute_together("decompose", specs, compute)
+    assert calls[1] == [0, 2] and again[0][0]["value"].tolist() == [20, 20]
+    assert again[1][0]["value"].tolist() == [11, 11]
+    assert StageCache(tmp_path).load("decompose", again[0][1])["value"].tolist() == [20, 20]
