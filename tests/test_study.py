@@ -140,6 +140,38 @@ def test_bases_decomposed_alongside_are_the_ones_computed_alone(tmp_path, tiny_o
     assert len(list((alone / "decompose").glob("[!.]*"))) == 2
 
 
+def test_a_basis_alongside_that_fails_costs_only_its_own_entry(tmp_path, tiny_overrides, monkeypatch, caplog):
+    """Another kind's basis failing inside the pass is logged and left to its own job:
+    this job finishes with its decomposition and reports its own basis's cache hit (not
+    the one it computed aside); a job whose own decomposition is cached tries no other."""
+    from hydra import compose, initialize_config_dir
+
+    from polca_study import bases
+    from polca_study.cli import CONF_DIR
+    from polca_study.pipeline import run
+
+    def unconverged(ctx, steps):
+        raise RuntimeError("Lanczos did not converge")
+
+    monkeypatch.setitem(bases.KINDS, "shuffled", unconverged)
+    base = [o.replace("logger=offline", "logger=disabled") for o in tiny_overrides] + ["method=random_basis"]
+    aside = ["polca.alongside=[hessian,random,shuffled]"]
+    decompositions = lambda: sorted(p.name for p in (tmp_path / "cache" / "decompose").glob("[!.]*"))  # noqa: E731
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        run(compose("config", overrides=base), tmp_path / "alone")
+        (own,) = decompositions()
+        caplog.clear()
+        # its own basis read, its own decomposition forced: the Hessian basis computed aside
+        forced = run(compose("config", overrides=base + aside + ["force=[decompose]"]), tmp_path / "aside")
+        assert forced["cache_hits"]["basis"] is True and forced["cache_hits"]["decompose"] is False
+        assert "no decomposition along" in caplog.text and "Lanczos did not converge" in caplog.text
+        assert own in decompositions() and len(decompositions()) == 2  # its own and the Hessian's
+        caplog.clear()
+        again = run(compose("config", overrides=base + aside), tmp_path / "again")
+        assert all(again["cache_hits"].values()) and "no decomposition along" not in caplog.text
+    assert again["carry_recovery"] == forced["carry_recovery"]
+
+
 def test_killed_run_resumes_without_recomputing_finished_stages(tmp_path, tiny_overrides, env):
     cache = tmp_path / "cache"
     args = tiny_overrides + [
