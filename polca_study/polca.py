@@ -23,6 +23,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -949,12 +950,15 @@ class ModuleLoss:
                         continue
                     names = owned[mod]
                     project = _projector(mod, {n: params[full].detach() for n, full in names.items()})
+                    gradients = None  # the layer's per-sequence gradients, shared by the bases
                     for vectors, basis, d in zip(sets, bases, derivs, strict=True):
                         local = {n: basis[full] for n, full in names.items()}
                         if isinstance(vectors, Coordinates):
                             _add_coordinates(d[:, p], mod, inputs, g, local, vectors.dtype, project)
                         else:
-                            d[:, p] += project(inputs, g, {n: b for n, (b, _) in local.items()})
+                            if gradients is None:
+                                gradients = project.gradients(inputs, g)
+                            d[:, p] += project.along(gradients, {n: b for n, (b, _) in local.items()})
         records.clear()
         return token_losses.detach().reshape(-1), [d.reshape(S * P, -1) for d in derivs]
 
@@ -990,17 +994,54 @@ class _Bound(nn.Module):
 # ------------------------------------------------------------ per-sample projections
 
 
-def _linear_projection(inputs: tuple, output_grad: Tensor, basis: dict[str, Tensor]) -> Tensor:
-    """<B, Σ_t δ_t a_tᵀ> per sequence: per-sample weight gradients, then one matmul."""
+@dataclass(frozen=True)
+class _Projection:
+    """A layer's per-sequence parameter gradients `gradients(inputs, output_grad)`,
+    projected on a basis by `along(gradients, basis) -> (S, m)`: the gradients are
+    computed once per backward pass however many bases they are projected on."""
+
+    gradients: Callable[[tuple, Tensor], Any]
+    along: Callable[[Any, dict[str, Tensor]], Tensor]
+
+    def __call__(self, inputs: tuple, output_grad: Tensor, basis: dict[str, Tensor]) -> Tensor:
+        return self.along(self.gradients(inputs, output_grad), basis)
+
+
+def _linear_gradients(inputs: tuple, output_grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sequence weight gradients Σ_t δ_t a_tᵀ (flattened) and the output gradients."""
     a = inputs[0]
     S = a.shape[0]
     a = a.reshape(S, -1, a.shape[-1])
     delta = output_grad.reshape(S, -1, output_grad.shape[-1])
-    grad_w = torch.einsum("sto,sti->soi", delta, a).reshape(S, -1)
+    return torch.einsum("sto,sti->soi", delta, a).reshape(S, -1), delta
+
+
+def _linear_along(gradients: tuple[Tensor, Tensor], basis: dict[str, Tensor]) -> Tensor:
+    """<B, Σ_t δ_t a_tᵀ> per sequence: one matmul with the per-sample weight gradients."""
+    grad_w, delta = gradients
     out = grad_w @ basis["weight"].reshape(-1, basis["weight"].shape[-1])
     if "bias" in basis:
         out = out + delta.sum(1) @ basis["bias"]
     return out
+
+
+def _conv1d_along(gradients: tuple[Tensor, Tensor], basis: dict[str, Tensor]) -> Tensor:
+    """transformers' Conv1D (GPT-2): y = x W + b with W (in, out), a transposed Linear:
+    the Linear rule with the weight's basis transposed to (out, in, m)."""
+    return _linear_along(gradients, {**basis, "weight": basis["weight"].transpose(0, 1)})
+
+
+def _as_given(inputs: tuple, output_grad: Tensor) -> tuple[tuple, Tensor]:
+    return inputs, output_grad
+
+
+def _projecting(project: Callable) -> _Projection:
+    """A projection `(inputs, output_grad, basis) -> (S, m)` with nothing to share."""
+    return _Projection(_as_given, lambda given, basis: project(*given, basis))
+
+
+_LINEAR = _Projection(_linear_gradients, _linear_along)
+_CONV1D = _Projection(_linear_gradients, _conv1d_along)
 
 
 def _embedding_projection(inputs: tuple, output_grad: Tensor, basis: dict[str, Tensor]) -> Tensor:
@@ -1051,13 +1092,7 @@ def _add_coordinates(
     out[:, columns] += project(inputs, g, dense)
 
 
-def _conv1d_projection(inputs: tuple, output_grad: Tensor, basis: dict[str, Tensor]) -> Tensor:
-    """transformers' Conv1D (GPT-2): y = x W + b with W (in, out), a transposed Linear:
-    the Linear rule with the weight's basis transposed to (out, in, m)."""
-    return _linear_projection(inputs, output_grad, {**basis, "weight": basis["weight"].transpose(0, 1)})
-
-
-def _vjp_projection(mod: nn.Module, params: dict[str, Tensor], inputs: tuple, output_grad: Tensor, basis):
+def _vjp_gradients(mod: nn.Module, params: dict[str, Tensor], inputs: tuple, output_grad: Tensor):
     """Any leaf module of one input (LayerNorm, RMSNorm, ...): its per-sequence parameter
     gradients by a vector-Jacobian product of the module alone, vmapped over sequences."""
 
@@ -1067,8 +1102,11 @@ def _vjp_projection(mod: nn.Module, params: dict[str, Tensor], inputs: tuple, ou
         )
         return pull(g)[0]
 
-    grads = torch.func.vmap(one)(inputs[0], output_grad)
-    S = output_grad.shape[0]
+    return torch.func.vmap(one)(inputs[0], output_grad)
+
+
+def _vjp_along(grads: dict[str, Tensor], basis: dict[str, Tensor]) -> Tensor:
+    S = next(iter(grads.values())).shape[0]
     return sum(grads[n].reshape(S, -1) @ b.reshape(-1, b.shape[-1]) for n, b in basis.items())
 
 
@@ -1097,14 +1135,14 @@ def _has_rule(mod: nn.Module) -> bool:
     )
 
 
-def _projector(mod: nn.Module, params: dict[str, Tensor]) -> Callable:
+def _projector(mod: nn.Module, params: dict[str, Tensor]) -> _Projection:
     """`(inputs, output_grad, basis) -> (S, m)` for `mod` at parameters `params`."""
     if isinstance(mod, nn.Linear):
-        return _linear_projection
+        return _LINEAR
     if isinstance(mod, nn.Embedding):
-        return _embedding_projection
+        return _projecting(_embedding_projection)
     if _is_conv1d(mod):
-        return _conv1d_projection
+        return _CONV1D
     if hasattr(mod, "project_per_sample_grads"):
-        return mod.project_per_sample_grads
-    return functools.partial(_vjp_projection, mod, params)
+        return _projecting(mod.project_per_sample_grads)
+    return _Projection(functools.partial(_vjp_gradients, mod, params), _vjp_along)
