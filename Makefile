@@ -61,6 +61,7 @@ bench: install
 	$(PY) benchmarks/stages.py
 	$(PY) benchmarks/polca_routes.py
 	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/basis_memory.py
 	$(PY) benchmarks/recorder.py
 	$(PY) benchmarks/causal_lm.py
 
