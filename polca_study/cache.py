@@ -14,6 +14,7 @@ Entries of the earlier pickled format are recomputed.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -71,6 +72,13 @@ class StageCache:
         for name in list(self.force):
             self.force |= FORCE_ALSO.get(name, set())
         self.hits: dict[str, bool] = {}
+
+    def aside(self) -> StageCache:
+        """The same entries, with a record of hits of its own: for a stage a job computes
+        for another's sake, which must not stand in the job's record of its own."""
+        view = copy.copy(self)
+        view.hits = {}
+        return view
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key

@@ -81,10 +81,10 @@ def stage_basis(ctx: StageContext) -> tuple[Basis, str]:
     """The basis of kind `basis.kind` (bases.KINDS) at every multiple of the interval
     but the last snapshot (no interval follows it)."""
 
+    b = ctx.cfg.basis
+
     def compute() -> Basis:
-        return KINDS[ctx.cfg.basis.kind](
-            ctx, steps_at(ctx.run, ctx.cfg.basis.interval, int(ctx.run.steps[-1]) - 1)
-        )
+        return KINDS[b.kind](ctx, steps_at(ctx.run, b.interval, int(ctx.run.steps[-1]) - 1))
 
     return ctx.cache.get_or_compute("basis", basis_spec(ctx), compute, Basis)
 
@@ -92,29 +92,25 @@ def stage_basis(ctx: StageContext) -> tuple[Basis, str]:
 def other_bases(ctx: StageContext) -> list[tuple[Callable[[], torch.Tensor], str]]:
     """The bases of the kinds in `polca.alongside` other than this run's, as (their
     vectors on demand, their basis key): the decompositions a decompose pass computes
-    beside its own. A basis is computed (or read) only if its decomposition is missing."""
+    beside its own. A basis is computed (or read) only if its decomposition is missing,
+    through a view of the cache whose hits are not the job's own."""
     out = []
     for kind in dict.fromkeys(ctx.cfg.polca.alongside):
         if kind == ctx.cfg.basis.kind:
             continue
-        other = replace(ctx, cfg=replace(ctx.cfg, basis=replace(ctx.cfg.basis, kind=kind)))
-        out.append((lambda other=other: _basis_aside(other), stage_key("basis", basis_spec(other))))
+        cfg = replace(ctx.cfg, basis=replace(ctx.cfg.basis, kind=kind))
+        other = replace(ctx, cfg=cfg, cache=ctx.cache.aside())
+        out.append((lambda other=other: _vectors_aside(other), stage_key("basis", basis_spec(other))))
     return out
 
 
-def _basis_aside(ctx: StageContext) -> torch.Tensor:
-    """Another kind's basis vectors, leaving the job's own record of its basis stage (the
-    cache hit its summary reports) as it was."""
-    own = ctx.cache.hits.get("basis")
+def _vectors_aside(ctx: StageContext) -> torch.Tensor:
     start = time.perf_counter()
-    try:
-        return stage_basis(ctx)[0].vectors
-    finally:
-        log.info(
-            "%s basis for a decomposition alongside: %.1f s", ctx.cfg.basis.kind, time.perf_counter() - start
-        )
-        if own is not None:
-            ctx.cache.hits["basis"] = own
+    vectors = stage_basis(ctx)[0].vectors
+    log.info(
+        "%s basis for a decomposition alongside: %.1f s", ctx.cfg.basis.kind, time.perf_counter() - start
+    )
+    return vectors
 
 
 def stage_decompose(
