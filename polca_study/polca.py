@@ -654,11 +654,12 @@ def decompose_trajectories(
     for t, theta_next in enumerate(walk):
         _check_vector(f"checkpoints[{t + 1}]", theta_next, like=theta)
         nxt = _terms(per_example_loss_fn, theta_next, sets, exact, route)
+        delta = theta_next - theta
         for vectors, w, a, b in zip(sets, walks, now, nxt, strict=True):
             aggregate = None
             if second_order == "paper":  # λ_t(X, b) of the summed loss, by double backward
                 aggregate = aggregate_curvature(per_example_loss_fn, theta, vectors)
-            w.step(second_order, a, b, project(vectors, theta_next - theta), aggregate)
+            w.step(second_order, a, b, project(vectors, delta), aggregate)
         theta, now = theta_next, nxt
         bar.update()
     bar.close()
