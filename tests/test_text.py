@@ -420,26 +420,43 @@ def test_spacy_tagger_gives_universal_tags_and_newlines():
     ]
 
 
-def test_the_tagger_is_part_of_the_training_key(tiny_text, monkeypatch):
+def test_the_tagger_is_part_of_the_training_key(monkeypatch):
     """Training curves are grouped by the tag of the target's word: another tagger must
-    not reuse a training run whose curves carry the first tagger's tags."""
+    not reuse a training run whose curves carry the first tagger's tags. The key is the
+    one the training source itself asks the cache for."""
     from polca_study.cache import stage_key
     from polca_study.data import tagging
+    from polca_study.source import make_source
+    from polca_study.tasks import make_task
 
-    assert tiny_text.spec["tagger"] == "rules"
-    monkeypatch.setattr(tagging, "resolve_tagger", lambda name: "stand-in")
-    monkeypatch.setattr(tagging, "tag_words", lambda text, tagger="auto": tagging.rule_words(text))
-    other = TextData(
-        TextConfig(
-            data_dir=str(DATA_DIR),
-            max_chars=300_000,
-            vocab_size=300,
-            n_ctx=16,
-            eval_tokens=160,
-            eval_positions=4,
-            hessian_size=8,
-            tagger="rules",
+    require_corpus()
+    cfg = validate(
+        compose_config(
+            [
+                "dataset=text",
+                "model=tiny",
+                f"dataset.data_dir={DATA_DIR}",
+                "dataset.max_chars=300000",
+                "dataset.vocab_size=300",
+                "dataset.n_ctx=16",
+                "dataset.eval_tokens=160",
+                "dataset.eval_positions=4",
+                "dataset.hessian_size=8",
+                "dataset.tagger=rules",
+            ]
         )
     )
-    assert other.spec["tagger"] == "stand-in"
-    assert stage_key("train", {"dataset": other.spec}) != stage_key("train", {"dataset": tiny_text.spec})
+
+    class Keys:  # builds nothing: returns the key the training run would be stored under
+        def get_or_build(self, stage, spec, build, load):
+            return stage_key(stage, spec)
+
+    def train_key():
+        return make_source(cfg).prepare(make_task(cfg.dataset), Keys(), torch.device("cpu"), False)
+
+    first = train_key()
+    assert train_key() == first  # the key is a function of the config
+    monkeypatch.setattr(tagging, "resolve_tagger", lambda name: "stand-in")
+    monkeypatch.setattr(tagging, "tag_words", lambda text, tagger="auto": tagging.rule_words(text))
+    assert make_task(cfg.dataset).spec["tagger"] == "stand-in"
+    assert train_key() != first
