@@ -123,24 +123,47 @@ def sampler_factory(name: str, space: dict) -> Callable[[int | None], BaseSample
 class PerTrialSampler(BaseSampler):
     """A sampler made anew before every trial with `trial_seed(seed, trial.number)`: what
     trial k samples depends on k and the history it sees, not on how many trials this
-    process asked before, nor on which worker asks it."""
+    process asked before, nor on which worker asks it.
 
-    def __init__(self, make: Callable[[int | None], BaseSampler], seed: int | None):
-        self._make, self._seed = make, seed
+    Optuna stores a trial's parameters one at a time as it asks them, in `order`. A driver
+    killed part-way through asking leaves a trial with the first few; asked again, Optuna
+    keeps those and samples only the rest. So that the rest are what an uninterrupted ask
+    gives, the first independent draw of a trial replays the draws of the parameters it
+    already holds (discarding their values), bringing the fresh sampler's random state to
+    where the interrupted ask left it."""
+
+    def __init__(self, make: Callable[[int | None], BaseSampler], seed: int | None, order=()):
+        self._make, self._seed, self._order = make, seed, list(order)
         self._sampler = make(seed)
+        self._held: dict[str, BaseDistribution] = {}
+        self._relative: set[str] = set()
 
     def before_trial(self, study, trial: FrozenTrial) -> None:
         self._sampler = self._make(trial_seed(self._seed, trial.number))
         self._sampler.before_trial(study, trial)
+        # parameters an interrupted ask stored (fixed ones, from enqueue_trial, drew nothing)
+        fixed = trial.system_attrs.get("fixed_params", {})
+        self._held = {
+            name: trial.distributions[name]
+            for name in self._order
+            if name in trial.distributions and name not in fixed
+        }
+        self._relative = set()
+
+    def sample_relative(self, study, trial, search_space):
+        relative = self._sampler.sample_relative(study, trial, search_space)
+        self._relative = set(relative)
+        return relative
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        held, self._held = self._held, {}
+        for name, dist in held.items():
+            if name not in self._relative and not dist.single():  # drew from the sampler
+                self._sampler.sample_independent(study, trial, name, dist)
+        return self._sampler.sample_independent(study, trial, param_name, param_distribution)
 
     def infer_relative_search_space(self, study, trial):
         return self._sampler.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self._sampler.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._sampler.sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(self, study, trial, state, values) -> None:
         self._sampler.after_trial(study, trial, state, values)
@@ -365,7 +388,7 @@ class OptunaSweeper(Sweeper):
             if self.baseline_trial and space and not study.get_trials(deepcopy=False):
                 self._enqueue_baseline(study, space)
         study.sampler = PerTrialSampler(
-            sampler_factory(self.sampler_conf.name, space), self.sampler_conf.seed
+            sampler_factory(self.sampler_conf.name, space), self.sampler_conf.seed, order=space
         )
         return study
 
