@@ -116,13 +116,15 @@ def test_batches_do_not_depend_on_parallel_jobs_or_kills(tmp_path):
     assert history(sqlite(killed), "toy") == runs[1]
 
 
-@pytest.mark.parametrize(("sampler", "told"), [("tpe", 4), ("tpe", 12), ("random", 12)])
+@pytest.mark.parametrize(("sampler", "told"), [("tpe", 4), ("tpe", 12), ("random", 12), ("cmaes", 12)])
 @pytest.mark.parametrize("held", [1, 2])
 def test_a_trial_killed_while_being_asked_gets_the_uninterrupted_parameters(tmp_path, sampler, told, held):
     """A driver killed between storing a trial's first parameters and its last leaves
     the trial with `held` of them; the sweeper recovers it and asks it again, beside a
     trial still running (TPE's constant liar sees it), within TPE's 10 random trials and
-    past them (where its 24 candidates often hide a shifted random state: not always)."""
+    past them (where its 24 candidates often hide a shifted random state: not always),
+    and with CMA-ES (x and y sampled together, relatively, and c independently: the held
+    relative parameters must not be drawn again)."""
     space = {
         "x": FloatDistribution(0.0, 1.0),
         "y": IntDistribution(0, 20),
