@@ -147,7 +147,7 @@ def test_a_trial_killed_while_being_asked_gets_the_uninterrupted_parameters(tmp_
             grace_period=60,
         )
         study = optuna.create_study(study_name=name, storage=sweeper._storage(), direction="minimize")
-        study.sampler = PerTrialSampler(sampler_factory(sampler, space), 3, order=space)
+        study.sampler = PerTrialSampler(sampler_factory(sampler, space, 3), 3, order=space)
         for _ in range(told):
             trial = study.ask(space)
             study.tell(trial, objective(trial.params))
@@ -164,6 +164,19 @@ def test_a_trial_killed_while_being_asked_gets_the_uninterrupted_parameters(tmp_
         return study.ask(space).params
 
     assert run("cut", cut=True) == run("whole", cut=False)
+
+
+def test_a_grid_study_visits_every_point_once(tmp_path):
+    grid = ["x=choice(0.1, 0.5)", "y=range(0, 3)", "c=choice(a, b)"]
+    app(
+        tmp_path,
+        "hydra.sweeper.sampler.name=grid",
+        *grid,
+        "hydra.sweeper.n_trials=12",
+        "hydra.sweeper.batch_size=2",
+    )
+    points = [(p["x"], p["y"], p["c"]) for _, p, _ in history(sqlite(tmp_path), "toy")]
+    assert sorted(points) == sorted((x, y, c) for x in (0.1, 0.5) for y in range(3) for c in "ab")
 
 
 def test_a_trial_that_fails_once_runs_again_with_its_parameters(tmp_path, reference):

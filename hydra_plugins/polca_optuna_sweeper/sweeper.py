@@ -100,7 +100,9 @@ def trial_seed(seed: int | None, number: int) -> int | None:
     return int(np.random.SeedSequence([int(seed), int(number)]).generate_state(1)[0])
 
 
-def sampler_factory(name: str, space: dict) -> Callable[[int | None], BaseSampler]:
+def sampler_factory(name: str, space: dict, seed: int | None) -> Callable[[int | None], BaseSampler]:
+    """A function from a trial's seed to the sampler `name` (the study's `seed` where a
+    sampler must not change between trials)."""
     if name == "tpe":
         # constant_liar: trials still running (the rest of a batch, other workers') count
         # as bad results, so concurrent asks spread out instead of repeating each other
@@ -116,7 +118,9 @@ def sampler_factory(name: str, space: dict) -> Callable[[int | None], BaseSample
             else list(range(v.low, v.high + 1, v.step))
             for k, v in space.items()
         }
-        return lambda seed: optuna.samplers.GridSampler(grid, seed=seed)
+        # the grid sampler shuffles its grid by its seed and maps trial k to grid point k
+        # of that order: one order for the whole study, or trials repeat points and miss others
+        return lambda _: optuna.samplers.GridSampler(grid, seed=seed)
     raise ValueError(f"hydra.sweeper.sampler.name must be one of tpe, random, cmaes, grid; got {name!r}")
 
 
@@ -388,7 +392,9 @@ class OptunaSweeper(Sweeper):
             if self.baseline_trial and space and not study.get_trials(deepcopy=False):
                 self._enqueue_baseline(study, space)
         study.sampler = PerTrialSampler(
-            sampler_factory(self.sampler_conf.name, space), self.sampler_conf.seed, order=space
+            sampler_factory(self.sampler_conf.name, space, self.sampler_conf.seed),
+            self.sampler_conf.seed,
+            order=space,
         )
         return study
 
