@@ -167,7 +167,8 @@ def test_a_trial_killed_while_being_asked_gets_the_uninterrupted_parameters(tmp_
 
 
 def test_a_grid_study_visits_every_point_once(tmp_path):
-    grid = ["x=choice(0.1, 0.5)", "y=range(0, 3)", "c=choice(a, b)"]
+    # the configured values (x=0.5, y=5, c=a) are a grid point: no baseline trial repeats it
+    grid = ["x=choice(0.1, 0.5)", "y=range(4, 7)", "c=choice(a, b)"]
     app(
         tmp_path,
         "hydra.sweeper.sampler.name=grid",
@@ -176,7 +177,7 @@ def test_a_grid_study_visits_every_point_once(tmp_path):
         "hydra.sweeper.batch_size=2",
     )
     points = [(p["x"], p["y"], p["c"]) for _, p, _ in history(sqlite(tmp_path), "toy")]
-    assert sorted(points) == sorted((x, y, c) for x in (0.1, 0.5) for y in range(3) for c in "ab")
+    assert sorted(points) == sorted((x, y, c) for x in (0.1, 0.5) for y in range(4, 7) for c in "ab")
 
 
 def test_a_trial_that_fails_once_runs_again_with_its_parameters(tmp_path, reference):

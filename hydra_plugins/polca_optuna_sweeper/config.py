@@ -46,7 +46,8 @@ class OptunaSweeperConf:
     heartbeat_interval: int = 10
     grace_period: int = 60
     # Queue the configured values of the searched keys as trial 0 of a new study, so
-    # every study measures its baseline and can only improve on it.
+    # every study measures its baseline and can only improve on it (not on a grid: it
+    # visits every point).
     baseline_trial: bool = True
     sampler: SamplerConf = field(default_factory=SamplerConf)
     # One study per value of this key (a choice in `params`), named <study_name>-<value>,

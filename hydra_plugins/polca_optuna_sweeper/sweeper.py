@@ -389,7 +389,10 @@ class OptunaSweeper(Sweeper):
                     history = study.user_attrs.get("n_trials_history", [stored["n_trials"]])
                     study.set_user_attr("n_trials_history", [*history, current["n_trials"]])
             study.set_user_attr(FINGERPRINT, current)
-            if self.baseline_trial and space and not study.get_trials(deepcopy=False):
+            # a grid visits the configured point anyway, and an enqueued trial takes the
+            # place of a grid point, which then goes unvisited
+            grid = self.sampler_conf.name == "grid"
+            if self.baseline_trial and not grid and space and not study.get_trials(deepcopy=False):
                 self._enqueue_baseline(study, space)
         study.sampler = PerTrialSampler(
             sampler_factory(self.sampler_conf.name, space, self.sampler_conf.seed),
