@@ -116,6 +116,7 @@ def test_batches_do_not_depend_on_parallel_jobs_or_kills(tmp_path):
     assert history(sqlite(killed), "toy") == runs[1]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # asked as the sweeper asks
 @pytest.mark.parametrize(("sampler", "told"), [("tpe", 4), ("tpe", 12), ("random", 12), ("cmaes", 12)])
 @pytest.mark.parametrize("held", [1, 2])
 def test_a_trial_killed_while_being_asked_gets_the_uninterrupted_parameters(tmp_path, sampler, told, held):
