@@ -100,6 +100,11 @@ def trial_seed(seed: int | None, number: int) -> int | None:
     return int(np.random.SeedSequence([int(seed), int(number)]).generate_state(1)[0])
 
 
+# samplers that visit every point of the space: a baseline trial queued first would take
+# a point's place, which then goes unvisited (the configured point is visited anyway)
+EXHAUSTIVE = {"grid"}
+
+
 def sampler_factory(name: str, space: dict, seed: int | None) -> Callable[[int | None], BaseSampler]:
     """A function from a trial's seed to the sampler `name` (the study's `seed` where a
     sampler must not change between trials)."""
@@ -154,6 +159,9 @@ class PerTrialSampler(BaseSampler):
         }
         self._relative = set()
 
+    def infer_relative_search_space(self, study, trial):
+        return self._sampler.infer_relative_search_space(study, trial)
+
     def sample_relative(self, study, trial, search_space):
         relative = self._sampler.sample_relative(study, trial, search_space)
         self._relative = set(relative)
@@ -165,9 +173,6 @@ class PerTrialSampler(BaseSampler):
             if name not in self._relative and not dist.single():  # drew from the sampler
                 self._sampler.sample_independent(study, trial, name, dist)
         return self._sampler.sample_independent(study, trial, param_name, param_distribution)
-
-    def infer_relative_search_space(self, study, trial):
-        return self._sampler.infer_relative_search_space(study, trial)
 
     def after_trial(self, study, trial, state, values) -> None:
         self._sampler.after_trial(study, trial, state, values)
@@ -389,10 +394,8 @@ class OptunaSweeper(Sweeper):
                     history = study.user_attrs.get("n_trials_history", [stored["n_trials"]])
                     study.set_user_attr("n_trials_history", [*history, current["n_trials"]])
             study.set_user_attr(FINGERPRINT, current)
-            # a grid visits the configured point anyway, and an enqueued trial takes the
-            # place of a grid point, which then goes unvisited
-            grid = self.sampler_conf.name == "grid"
-            if self.baseline_trial and not grid and space and not study.get_trials(deepcopy=False):
+            baseline = self.baseline_trial and self.sampler_conf.name not in EXHAUSTIVE
+            if baseline and space and not study.get_trials(deepcopy=False):
                 self._enqueue_baseline(study, space)
         study.sampler = PerTrialSampler(
             sampler_factory(self.sampler_conf.name, space, self.sampler_conf.seed),
