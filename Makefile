@@ -34,6 +34,7 @@ test: install corpus
 lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # The method comparison (docs/comparison.md): tune every method's clustering on seeds 100
 # and 101 with the same budget, then run every method on the held-out seeds 200-204 with

@@ -30,9 +30,9 @@ def measure(model: str, chunk: int, route: str, products: int, threads: int) -> 
     import torch
     from torch.func import grad, jvp
 
-    from polca_study.data.arithmetic import ArithmeticData, token_loss
-    from polca_study.model import ModelConfig, Transformer
     from polca_study.polca import ModuleLoss, flatten_parameters, hessian_vector_product
+    from polca_study.snapshots.model import ModelConfig, Transformer
+    from polca_study.tasks.arithmetic_data import ArithmeticData, token_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -22,8 +22,6 @@ import time
 
 import torch
 
-from polca_study.data.arithmetic import ArithmeticData, token_loss
-from polca_study.model import ModelConfig, Transformer
 from polca_study.polca import (
     ModuleLoss,
     build_basis,
@@ -32,7 +30,9 @@ from polca_study.polca import (
     flatten_parameters,
     hessian_vector_product,
 )
-from polca_study.snapshots import SnapshotStore
+from polca_study.snapshots.model import ModelConfig, Transformer
+from polca_study.snapshots.store import SnapshotStore
+from polca_study.tasks.arithmetic_data import ArithmeticData, token_loss
 
 
 def reset_peak() -> None:

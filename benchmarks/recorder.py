@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from polca_study.record import SnapshotRecorder
+from polca_study.snapshots.record import SnapshotRecorder
 
 
 def model(vocab: int) -> torch.nn.Module:

@@ -44,7 +44,7 @@ def run_case(count: int, eval_size: int, tmp: Path, threads: int) -> dict:
         "figures=false",
         "save_trajectories=false",
         "score.permutations=10",
-        "score.probe=false",
+        "score.arithmetic.probe=false",
         f"hydra.run.dir={run_dir}",
     ]
     proc = subprocess.run([sys.executable, "-m", "polca_study", *args], capture_output=True, text=True)

@@ -18,11 +18,12 @@ import time
 
 from hydra import compose, initialize_config_dir
 
-from polca_study.cli import CONF_DIR
-from polca_study.pipeline import run
+from polca_study.study.config import CONF_DIR, register
+from polca_study.study.pipeline import run
 
 
 def main() -> None:
+    register()
     parser = argparse.ArgumentParser()
     parser.add_argument("--warm", type=int, default=5)
     parser.add_argument("--cache-dir", default=None, help="default: a temporary directory")
@@ -53,7 +54,7 @@ def main() -> None:
                     "figures=false",
                     "save_trajectories=false",
                     "score.permutations=20",
-                    "score.probe=false",
+                    "score.arithmetic.probe=false",
                     "logger=offline",
                 ],
                 f"warm{i}",

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from polca_study.data.text import EOT, TextConfig, TextData
-from polca_study.record import SnapshotRecorder
+from polca_study.snapshots.record import SnapshotRecorder
+from polca_study.tasks.text_data import EOT, TextConfig, TextData
 
 
 def main() -> None:

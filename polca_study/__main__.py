@@ -1,3 +1,3 @@
-from polca_study.cli import main
+from polca_study.app.cli import main
 
 main()

@@ -25,6 +25,10 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
 def _sync_directory(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -1,7 +1,7 @@
 """The one error a user's setting gets, and the checks that raise it.
 
 Light on purpose: the config schemas, the tasks' schemas and the sources raise it, and
-`import polca_study.config` must stay cheap (every CLI process pays it).
+`import polca_study.study.config` must stay cheap (every CLI process pays it).
 """
 
 from __future__ import annotations

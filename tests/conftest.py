@@ -6,7 +6,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from polca_study.cli import CONF_DIR
+from polca_study.study.config import CONF_DIR, register
+
+register()  # the schemas, as the command line registers them
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("POLCA_DATA_DIR", ROOT / "data"))

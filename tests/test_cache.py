@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from polca_study.cache import StageCache
+from polca_study.study.cache import StageCache
 
 
 def _count(cache, stage, spec, calls):
@@ -73,7 +73,7 @@ def test_an_old_pickled_entry_is_recomputed_not_unpickled(tmp_path):
     import json
     import pickle
 
-    from polca_study.cache import stage_key
+    from polca_study.study.cache import stage_key
 
     key = stage_key("basis", {})
     entry = tmp_path / "basis" / key

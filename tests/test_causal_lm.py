@@ -14,7 +14,7 @@ from polca_study.polca import (
     decompose,
     flatten_parameters,
 )
-from tests.test_polca import MODES, brute_force
+from tests._toy import MODES, brute_force
 
 transformers = pytest.importorskip("transformers")
 
@@ -140,7 +140,7 @@ def test_every_mode_and_route_matches_per_token_brute_force(arch, mode):
 
 
 def test_tied_embeddings_are_one_parameter_in_store_order():
-    from polca_study.snapshots import parameters_of
+    from polca_study.snapshots.store import parameters_of
 
     model = tiny_gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight

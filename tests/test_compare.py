@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from polca_study.compare import (
+from polca_study.reporting.compare import (
     aggregate_seeds,
     bootstrap_interval,
     paired_differences,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from polca_study.config import validate
+from polca_study.study.config import validate
 from tests.conftest import CONF_DIR, POLCA, ROOT, compose_config
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
@@ -110,8 +110,8 @@ def test_schema_defaults_are_the_default_run():
 
     from omegaconf import OmegaConf
 
-    from polca_study.config import Config
-    from polca_study.source import TrainSnapshots
+    from polca_study.study.config import Config
+    from polca_study.study.sources import TrainSnapshots
     from polca_study.tasks.arithmetic import ArithmeticConfig
 
     def defaults(cls) -> dict:  # the declared defaults, before __post_init__ derives any
@@ -145,7 +145,7 @@ def test_schema_defaults_are_the_default_run():
 def test_relative_paths_resolve_against_where_the_command_ran(tmp_path):
     from omegaconf import OmegaConf
 
-    from polca_study.cli import resolve_paths
+    from polca_study.app.cli import resolve_paths
 
     (tmp_path / "runs" / "mine").mkdir(parents=True)
     cfg = OmegaConf.create(
@@ -169,7 +169,7 @@ def test_the_schemas_import_neither_scipy_nor_hdbscan():
     import sys
 
     heavy = ["scipy.sparse.linalg", "hdbscan", "sklearn", "transformers", "polca_study.polca"]
-    code = f"import sys, polca_study.config; print([m for m in {heavy!r} if m in sys.modules])"
+    code = f"import sys, polca_study.study.config; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -177,7 +177,7 @@ def test_the_schemas_import_neither_scipy_nor_hdbscan():
 
 def test_a_composition_error_keeps_its_reason():
     # Hydra's message puts the reason on its second line; the one-line error keeps it
-    from polca_study.preflight import check_command_line
+    from polca_study.app.preflight import check_command_line
 
     problem = check_command_line(["-m", "+sweep=tune_methods", "hydra/sweeper=basic"])
     assert problem is not None
@@ -200,7 +200,7 @@ ONE_JOB = {  # each study's axes fixed on the command line: one job to compose
 def test_the_named_studies_run_on_any_launcher(sweep, launcher):
     # docs/cluster.md's commands: a sweep that set a joblib-only key (n_jobs) could not
     # be composed with another launcher
-    from polca_study.preflight import check_command_line
+    from polca_study.app.preflight import check_command_line
 
     assert (
         check_command_line(["-m", f"+sweep={sweep}", f"hydra/launcher={launcher}", *ONE_JOB[sweep]]) is None
@@ -210,7 +210,7 @@ def test_the_named_studies_run_on_any_launcher(sweep, launcher):
 def test_the_check_composes_the_jobs_that_will_run(monkeypatch):
     """A key the command line sets replaces the sweep's axis (as in Hydra's sweepers):
     `seed=200` runs the seed-200 jobs only, and only those are composed."""
-    from polca_study import preflight
+    from polca_study.app import preflight
 
     composed = []
     compose = preflight._compose

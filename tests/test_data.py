@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from polca_study.data.arithmetic import PLACES, ArithmeticData, any_carry, encode
+from polca_study.tasks.arithmetic_data import PLACES, ArithmeticData, any_carry, encode
 
 
 def test_encoding_and_labels_by_hand():

@@ -5,10 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from polca_study.cluster import features
-from polca_study.config import validate
-from polca_study.methods import METHODS, method_curves, rising_vectors, unallocated_share
+from polca_study.analysis.cluster import features
+from polca_study.analysis.methods import METHODS, method_curves, rising_vectors, unallocated_share
 from polca_study.polca import Decomposition
+from polca_study.study.config import validate
 from tests.conftest import compose_config
 
 
@@ -113,7 +113,7 @@ def test_rising_vectors_are_those_whose_mean_projected_loss_rises(traj):
 def test_clusters_of_kept_vectors_keep_their_original_column_index():
     """After a rising vector is dropped, tables name the remaining vectors by their index
     in the basis, not their position among the kept ones."""
-    from polca_study.pipeline import analyse
+    from polca_study.study.pipeline import analyse
     from polca_study.tasks import make_task
 
     settings = validate(
@@ -121,7 +121,7 @@ def test_clusters_of_kept_vectors_keep_their_original_column_index():
             [
                 "experiment=tiny",
                 "score.permutations=1",
-                "score.probe=false",
+                "score.arithmetic.probe=false",
                 "cluster.grouping=none",
                 "cluster.min_cluster_size=20",
                 "cluster.normalize=none",

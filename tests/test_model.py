@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from polca_study.model import CausalSelfAttention, LayerNorm, ModelConfig, Transformer
+from polca_study.snapshots.model import CausalSelfAttention, LayerNorm, ModelConfig, Transformer
 
 
 def second_directional(f, x, v):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from polca_study.polca import flatten_parameters
-from polca_study.record import SnapshotRecorder
-from polca_study.snapshots import MANIFEST, SnapshotStore
+from polca_study.snapshots.record import SnapshotRecorder
+from polca_study.snapshots.store import MANIFEST, SnapshotStore
 from tests.conftest import DATA_DIR, require_corpus
 from tests.test_sources import text_overrides
 from tests.test_study import polca
@@ -25,7 +25,7 @@ STEPS, EVERY = 20, 5
 def text(tmp_path_factory):
     """The tiny text study's data, tokenized by a tokenizer saved as a user's would be."""
     require_corpus()
-    from polca_study.data.text import EOT, TextConfig, TextData
+    from polca_study.tasks.text_data import EOT, TextConfig, TextData
 
     root = tmp_path_factory.mktemp("text")
     tiny = dict(
@@ -99,7 +99,7 @@ def test_gpt2_with_dropout_from_the_trainer_studies_as_without_dropout(text, tmp
     """The Trainer's steps are optimizer steps (2 micro-batches each); the analysis runs
     in eval mode, so the snapshots give the same study whatever dropout the config says."""
     pytest.importorskip("accelerate")
-    from polca_study.record import HFTrainerRecorder
+    from polca_study.snapshots.record import HFTrainerRecorder
 
     root, vocab, rows = text
     model = gpt2(vocab, dropout=0.1)
@@ -155,7 +155,7 @@ def test_llama_with_grouped_query_attention_from_resumed_lightning(text, tmp_pat
     """A Lightning run stopped at step 10 and resumed from its checkpoint to 20: every
     snapshot once, the one at 10 being the checkpoint's parameters."""
     pl = pytest.importorskip("lightning.pytorch")
-    from polca_study.record import LightningRecorder
+    from polca_study.snapshots.record import LightningRecorder
 
     root, vocab, rows = text
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from polca_study.methods import METHODS
+from polca_study.analysis.methods import METHODS
 from tests.conftest import POLCA, ROOT
 from tests.test_study import polca, run_state
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from polca_study.polca import flatten_parameters
-from polca_study.record import SnapshotRecorder
-from polca_study.snapshots import SnapshotStore
+from polca_study.snapshots.record import SnapshotRecorder
+from polca_study.snapshots.store import SnapshotStore
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,7 +51,7 @@ def test_recorder_in_a_plain_loop_stores_what_the_model_held(tmp_path):
 
 def test_hugging_face_trainer_callback_records_optimizer_steps(tmp_path):
     pytest.importorskip("accelerate")
-    from polca_study.record import HFTrainerRecorder
+    from polca_study.snapshots.record import HFTrainerRecorder
 
     model = tiny_neox(seed=1)
     ids = torch.randint(0, 23, (16, 8), generator=torch.Generator().manual_seed(1))
@@ -77,7 +77,7 @@ def test_hugging_face_trainer_callback_records_optimizer_steps(tmp_path):
 
 def test_lightning_callback_records_global_steps(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
-    from polca_study.record import LightningRecorder
+    from polca_study.snapshots.record import LightningRecorder
 
     class Module(pl.LightningModule):
         def __init__(self):

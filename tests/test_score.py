@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from polca_study.cluster import ClusterConfig, cluster_curves
-from polca_study.data.arithmetic import encode
-from polca_study.score import (
+from polca_study.analysis.cluster import ClusterConfig, cluster_curves
+from polca_study.analysis.score import (
+    ELIGIBLE_PLACES,
     breakthrough_onset,
     breakthrough_time,
     carry_recovery,
@@ -15,6 +15,7 @@ from polca_study.score import (
     permutation_null,
     top_homogeneity,
 )
+from polca_study.tasks.arithmetic_data import encode
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +25,12 @@ def labels():
 
 
 def eligible_carry(labels):
-    return labels.carry.to_numpy() & labels.place.astype(str).isin(["10s", "100s"]).to_numpy()
+    return labels.carry.to_numpy() & labels.place.astype(str).isin(ELIGIBLE_PLACES).to_numpy()
 
 
 def test_planted_carry_cluster_scores_one(labels):
     target = eligible_carry(labels)
-    middle = labels.place.astype(str).isin(["10s", "100s"]).to_numpy()
+    middle = labels.place.astype(str).isin(ELIGIBLE_PLACES).to_numpy()
     assign = np.where(target, 0, np.where(middle, 1, -1))[:, None]
     table = cluster_table(assign, labels)
     planted = table[table.cluster == 0].iloc[0]
@@ -114,7 +115,7 @@ def test_filter_carry_rates_against_a_direct_count(labels):
     place = labels.place.astype(str).to_numpy()
     carry = labels.carry.to_numpy()
     for j, rate in enumerate(filter_carry_rates(assign, labels)):
-        kept = (assign[:, j] != -2) & np.isin(place, ["10s", "100s"])
+        kept = (assign[:, j] != -2) & np.isin(place, ELIGIBLE_PLACES)
         assert rate == pytest.approx(carry[kept].mean())
 
 

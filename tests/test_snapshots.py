@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from polca_study.snapshots import Parameter, SnapshotStore, SnapshotWriter
+from polca_study.snapshots.store import Parameter, SnapshotStore, SnapshotWriter
 from tests.conftest import POLCA, ROOT
 
 
@@ -77,9 +77,10 @@ def test_store_reads_lazily_and_checks_integrity(tmp_path):
 TRAIN = """
 import os, signal, sys
 import torch
-from polca_study.data.arithmetic import ArithmeticData, evaluate, token_loss
-from polca_study.model import ModelConfig, Transformer
-from polca_study.train import TrainConfig, train
+from polca_study.tasks.arithmetic_data import ArithmeticData, evaluate, token_loss
+from polca_study.snapshots.model import ModelConfig, Transformer
+from polca_study.snapshots.train import train
+from polca_study.snapshots.train_config import TrainConfig
 
 directory, kill_at = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(1)
@@ -154,8 +155,8 @@ def test_clustering_only_rerun_never_reads_the_snapshots(tmp_path, tiny_override
 def test_training_that_cannot_fit_on_disk_fails_before_it_starts(tmp_path, monkeypatch):
     import shutil
 
-    from polca_study import source
-    from polca_study.config import ConfigError, validate
+    from polca_study.study import sources as source
+    from polca_study.study.config import ConfigError, validate
     from polca_study.tasks import make_task
     from tests.conftest import compose_config
 

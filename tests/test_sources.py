@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from polca_study.config import ConfigError, validate
-from polca_study.record import SnapshotRecorder
-from polca_study.snapshots import SnapshotStore
-from polca_study.source import HuggingFaceSource, RecordedSource, check_matches, revision_step
+from polca_study.snapshots.record import SnapshotRecorder
+from polca_study.snapshots.store import SnapshotStore
+from polca_study.study.config import ConfigError, validate
+from polca_study.study.sources import HuggingFaceSource, RecordedSource, check_matches, revision_step
 from tests.conftest import compose_config, require_corpus
 from tests.test_study import polca
 
@@ -95,7 +95,7 @@ def neox_run(tmp_path_factory):
     loop on the offline corpus with its own tokenizer; recorded every 10 steps, and
     saved as Hugging Face checkpoints (checkpoint-N/) every 20."""
     require_corpus()
-    from polca_study.data.text import EOT, TextConfig, TextData
+    from polca_study.tasks.text_data import EOT, TextConfig, TextData
     from tests.conftest import DATA_DIR
 
     root = tmp_path_factory.mktemp("neox")

@@ -146,9 +146,9 @@ def test_a_basis_alongside_that_fails_costs_only_its_own_entry(tmp_path, tiny_ov
     the one it computed aside); a job whose own decomposition is cached tries no other."""
     from hydra import compose, initialize_config_dir
 
-    from polca_study import bases
-    from polca_study.cli import CONF_DIR
-    from polca_study.pipeline import run
+    from polca_study.study import bases
+    from polca_study.study.config import CONF_DIR
+    from polca_study.study.pipeline import run
 
     def unconverged(ctx, steps):
         raise RuntimeError("Lanczos did not converge")

@@ -16,13 +16,9 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.polca_optuna_sweeper.sweeper import (
-    ASKED,
-    OptunaSweeper,
-    PerTrialSampler,
-    sampler_factory,
-    study_lock,
-)
+from hydra_plugins.polca_optuna_sweeper.samplers import PerTrialSampler, sampler_factory
+from hydra_plugins.polca_optuna_sweeper.storage import ASKED, study_lock
+from hydra_plugins.polca_optuna_sweeper.sweeper import OptunaSweeper
 from tests.conftest import POLCA, ROOT
 
 pytestmark = pytest.mark.slow

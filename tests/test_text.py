@@ -8,7 +8,18 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from polca_study.cluster_labels import (
+from polca_study.study.config import validate
+from polca_study.tasks import corpus
+from polca_study.tasks.tagging import context_tags, rule_tag, rule_words, spacy_model, tag_words
+from polca_study.tasks.text import TextConfig
+from polca_study.tasks.text_data import (
+    TAG_COLUMNS,
+    TextData,
+    split_document,
+    token_loss,
+    train_tokenizer,
+)
+from polca_study.tasks.text_labels import (
     _label_counts,
     _labels_needed,
     best_label_purity,
@@ -19,17 +30,6 @@ from polca_study.cluster_labels import (
     simply_labelled_null,
     smallest_covering_set,
     text_cluster_table,
-)
-from polca_study.config import validate
-from polca_study.data import corpus
-from polca_study.data.tagging import context_tags, rule_tag, rule_words, spacy_model, tag_words
-from polca_study.data.text import (
-    TAG_COLUMNS,
-    TextConfig,
-    TextData,
-    split_document,
-    token_loss,
-    train_tokenizer,
 )
 from tests.conftest import DATA_DIR, compose_config, require_corpus
 
@@ -424,10 +424,9 @@ def test_the_tagger_is_part_of_the_training_key(monkeypatch):
     """Training curves are grouped by the tag of the target's word: another tagger must
     not reuse a training run whose curves carry the first tagger's tags. The key is the
     one the training source itself asks the cache for."""
-    from polca_study.cache import stage_key
-    from polca_study.data import tagging
-    from polca_study.source import make_source
-    from polca_study.tasks import make_task
+    from polca_study.study.cache import stage_key
+    from polca_study.study.sources import make_source
+    from polca_study.tasks import make_task, tagging
 
     require_corpus()
     cfg = validate(

@@ -20,12 +20,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II
 from torch.nn import functional as F
 
-from polca_study import compare
-from polca_study.cli import CONF_DIR
 from polca_study.errors import ConfigError, at_least
-from polca_study.pipeline import run
-from polca_study.task import Task, TaskKind, TaskMetrics
+from polca_study.reporting import compare
+from polca_study.study.config import CONF_DIR
+from polca_study.study.pipeline import run
 from polca_study.tasks import TASKS
+from polca_study.tasks.task import Task, TaskKind, TaskMetrics
 
 DIGITS, FIRST, SECOND = 5, 5, 6  # tokens 0-4 are digits; 5 and 6 name the skill
 
@@ -203,9 +203,9 @@ def test_a_third_task_runs_the_whole_study_from_its_own_file(planted, tmp_path):
 
 def test_the_learning_curves_are_grouped_by_the_tasks_own_rows(planted):
     split = examples(50, 0.5, np.random.default_rng(0))
-    from polca_study import charts
-    from polca_study.model import ModelConfig, Transformer
-    from polca_study.pipeline import _log_history
+    from polca_study.reporting import charts
+    from polca_study.snapshots.model import ModelConfig, Transformer
+    from polca_study.study.pipeline import _log_history
 
     model = Transformer(ModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, n_ctx=3, d_vocab=7)).eval()
     with torch.no_grad():

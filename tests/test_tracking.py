@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from polca_study.tracking import flat_summary, numeric_frame
+from polca_study.reporting.tracking import flat_summary, numeric_frame
 from tests.test_study import polca, run_state
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,8 @@ import json
 import pytest
 import wandb
 
-from polca_study import workspace as views
+from polca_study.reporting import workspace as views
+from polca_study.tasks import TASKS
 
 GROUP, STUDY = "compare_methods", "tune_methods"
 
@@ -44,8 +45,9 @@ def test_workspace_has_the_four_sections_and_their_panels(spec):
     assert list(panels) == ["Headline metrics", "Tuning", "Cluster trajectories", "Tables"]
 
     bars = panels["Headline metrics"]
-    assert [p["viewType"] for p in bars] == ["Bar Chart"] * len(views.HEADLINE_METRICS)
-    assert [p["config"]["metrics"] for p in bars] == [[m] for m in views.HEADLINE_METRICS]
+    expected = [*TASKS["arithmetic"].metrics.views, "hidden_breakthrough_fraction"]
+    assert [p["viewType"] for p in bars] == ["Bar Chart"] * len(expected)
+    assert [p["config"]["metrics"] for p in bars] == [[m] for m in expected]
     # the mean over a condition's seeds, with one standard deviation as error bars
     assert {(p["config"]["groupAgg"], p["config"]["groupArea"]) for p in bars} == {("mean", "stddev")}
 
@@ -80,9 +82,9 @@ def test_workspace_has_the_four_sections_and_their_panels(spec):
 
     assert spec["panels"][0] == "Headline metrics: BarPlot carry_recovery (mean ± sd over seeds)"
     assert (
-        spec["panels"][5] == "Tuning: ParallelCoordinatesPlot cluster settings against carry_recovery_excess"
+        spec["panels"][4] == "Tuning: ParallelCoordinatesPlot cluster settings against carry_recovery_excess"
     )
-    assert len(spec["panels"]) == sum(len(p) for p in panels.values()) == 13
+    assert len(spec["panels"]) == sum(len(p) for p in panels.values()) == 12
 
 
 def test_workspace_runs_are_the_group_grouped_by_method_and_carry_rate(spec):
@@ -119,7 +121,7 @@ def test_report_follows_the_comparison_docs(spec):
         (1, "The method comparison"),
         ("p",),
         (2, "Held-out results"),
-        (["Bar Chart"] * 5, [GROUP], True),
+        (["Bar Chart"] * 4, [GROUP], True),
         (2, "POLCA against each baseline, paired by seed"),
         (["Weave"], [GROUP], True),
         (2, "Tuning"),
@@ -131,7 +133,21 @@ def test_report_follows_the_comparison_docs(spec):
     intro = next(
         b for b in spec["report"]["spec"]["blocks"] if b["type"] == "paragraph" and b["children"][0]["text"]
     )
-    assert "100-101" in intro["children"][0]["text"] and "200-204" in intro["children"][0]["text"]
+    text = intro["children"][0]["text"]
+    assert "carry_recovery_excess" in text and "dataset.carry_rate" in text
+
+
+def test_a_text_sweep_gets_the_text_tasks_objective_and_regimes(tmp_path):
+    """The views come from the task the sweep's jobs ran, never a hard-coded one."""
+    job = tmp_path / "0" / ".hydra"
+    job.mkdir(parents=True)
+    (job / "config.yaml").write_text("dataset:\n  name: text\n")
+    workspace, report = views.comparison_views(None, "p", GROUP, tmp_path)
+    spec = {"workspace": views.spec(workspace), "report": views.spec(report)}
+    dumped = json.dumps(spec)
+    assert "label_purity_excess" in dumped and "carry_recovery_excess" not in dumped
+    (runset,) = spec["workspace"]["spec"]["section"]["runSets"]
+    assert "dataset.value.source" in json.dumps(runset["grouping"]) and "carry_rate" not in json.dumps(runset)
 
 
 def test_tuning_falls_back_to_the_comparison_group_and_takes_several_study_groups(tmp_path):

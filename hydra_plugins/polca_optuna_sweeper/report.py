@@ -61,7 +61,7 @@ def report_study(study: optuna.Study, out_dir: Path, config: DictConfig, storage
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """One row per trial with numeric values and parameters (NaN where missing), so the
     W&B UI can sort and plot them; times as seconds, state and text as strings."""
-    from polca_study.tracking import numeric_frame
+    from polca_study.reporting.tracking import numeric_frame
 
     frame = study.trials_dataframe(attrs=("number", "value", "state", "duration", "params", "user_attrs"))
     if "duration" in frame:
@@ -82,7 +82,7 @@ def _log_wandb(study, result: dict, figures: dict, config: DictConfig) -> None:
     logger = config.get("logger")
     if logger is None:
         return
-    from polca_study import tracking
+    from polca_study.reporting import tracking
 
     tracker = tracking.start(
         logger,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from polca_study.errors import choice
-from polca_study.task import Task, TaskKind
 from polca_study.tasks import arithmetic, text
+from polca_study.tasks.task import Task, TaskKind
 
 TASKS: dict[str, TaskKind] = {kind.name: kind for kind in (arithmetic.KIND, text.KIND)}
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from omegaconf import II
 
 from polca_study.errors import ConfigError, at_least
-from polca_study.task import Task, TaskKind, TaskMetrics
+from polca_study.tasks.task import Task, TaskKind, TaskMetrics
 
 
 @dataclass
@@ -32,30 +32,44 @@ class ArithmeticConfig:
         return "uniform" if self.carry_rate is None else f"carry{self.carry_rate:g}"
 
 
+@dataclass
+class ArithmeticScore:
+    """`score.arithmetic`: how clusters are scored against carry."""
+
+    homogeneity_threshold: float = 0.85  # share of a cluster's carries in the 10s/100s
+    probe: bool = True  # the supervised carry probe (cross-validated AUC)
+
+    def __post_init__(self):
+        if not 0.5 <= self.homogeneity_threshold <= 1:
+            raise ConfigError(
+                "score.arithmetic.homogeneity_threshold must be in [0.5, 1], "
+                f"got {self.homogeneity_threshold}"
+            )
+
+
 def build(dataset: ArithmeticConfig, cache=None) -> Task:
     import numpy as np
 
-    from polca_study import report
-    from polca_study.data import arithmetic
+    from polca_study.tasks import arithmetic_data, figures
 
-    data = arithmetic.ArithmeticData(
+    data = arithmetic_data.ArithmeticData(
         dataset.eval_size, dataset.hessian_size, dataset.carry_rate, dataset.seed
     )
     split = data.eval_split()
     return Task(
         name="arithmetic",
         spec=asdict(dataset),
-        n_ctx=arithmetic.SEQ_LEN,
-        d_vocab=arithmetic.VOCAB_SIZE,
+        n_ctx=arithmetic_data.SEQ_LEN,
+        d_vocab=arithmetic_data.VOCAB_SIZE,
         eval_split=split,
         hessian_split=data.hessian_split,
         train_batches=data.train_batches,
-        token_loss=arithmetic.token_loss,
-        evaluate=arithmetic.evaluate,
+        token_loss=arithmetic_data.token_loss,
+        evaluate=arithmetic_data.evaluate,
         groups=split.labels["place"].astype(str).to_numpy(),
-        objective="carry_recovery_excess",
+        objective=METRICS.objective,
         score=score,
-        figures=report.arithmetic_figures,
+        figures=figures.arithmetic_figures,
         skill=lambda labels: labels["place"].astype(str) + np.where(labels["carry"], " carry", " no carry"),
         headline=lambda m, run_dir: (
             f"carry_recovery {m['carry_recovery']:.3f}, top carry homogeneity "
@@ -74,7 +88,8 @@ def score(cfg, assign, curves, labels, columns: int):
     Returns (cluster table, metrics, further tables)."""
     import numpy as np
 
-    from polca_study.score import (
+    from polca_study.analysis.score import (
+        ELIGIBLE_PLACES,
         ami_and_coverage,
         carry_probe_auc,
         carry_recovery,
@@ -84,11 +99,11 @@ def score(cfg, assign, curves, labels, columns: int):
         top_homogeneity,
     )
 
-    s = cfg.score
+    s = cfg.score.arithmetic
     table = cluster_table(assign, labels, s.homogeneity_threshold)
     metrics: dict = {
         "carry_recovery": carry_recovery(table),
-        "carry_base_rate": float(labels["carry"][labels["place"].astype(str).isin(["10s", "100s"])].mean()),
+        "carry_base_rate": float(labels["carry"][labels["place"].astype(str).isin(ELIGIBLE_PLACES)].mean()),
         "top_carry": top_homogeneity(table, "carry"),
         "top_place": top_homogeneity(table, "place"),
         "top_value": top_homogeneity(table, "value"),
@@ -96,7 +111,9 @@ def score(cfg, assign, curves, labels, columns: int):
     metrics.update(ami_and_coverage(assign, labels))
     if s.probe:
         metrics["probe_auc"] = carry_probe_auc(curves, labels, seed=cfg.seed)
-    metrics.update(permutation_null(assign, labels, s.permutations, s.homogeneity_threshold, cfg.seed))
+    metrics.update(
+        permutation_null(assign, labels, cfg.score.permutations, s.homogeneity_threshold, cfg.seed)
+    )
     if "carry_recovery_null_mean" in metrics:
         metrics["carry_recovery_excess"] = metrics["carry_recovery"] - metrics["carry_recovery_null_mean"]
     # what the filter alone does: the carry rate of the 10s/100s tokens each column keeps
@@ -145,6 +162,8 @@ METRICS = TaskMetrics(
     },
     headline=("carry_recovery", "carry_recovery_excess"),
     views=("carry_recovery", "carry_recovery_excess", "carry_top1_carry_homogeneity"),
+    objective="carry_recovery_excess",
+    regime=("dataset.carry_rate",),  # null: uniform training data
 )
 
 KIND = TaskKind("arithmetic", ArithmeticConfig, build, history_group, METRICS)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polca_study.data.corpus import CORPORA
-from polca_study.data.tagging import TAGGERS
 from polca_study.errors import ConfigError, at_least, choice
-from polca_study.task import Task, TaskKind, TaskMetrics
+from polca_study.tasks.corpus import CORPORA
+from polca_study.tasks.tagging import TAGGERS
+from polca_study.tasks.task import Task, TaskKind, TaskMetrics
 
 
 @dataclass
@@ -68,13 +68,30 @@ class TextConfig:
         return self.hf_name or self.source
 
 
+@dataclass
+class TextScore:
+    """`score.text`: how clusters are labelled by part-of-speech context. A cluster's label
+    per word position is the smallest tag set covering `label_coverage` of its tokens;
+    it is simply labelled when no position needs more than `simple_max_tags` tags (the
+    paper's rule)."""
+
+    label_coverage: float = 0.7
+    simple_max_tags: int = 2
+    contexts: int = 10  # contexts shown per cluster, nearest its medoid
+
+    def __post_init__(self):
+        if not 0 < self.label_coverage <= 1:
+            raise ConfigError(f"score.text.label_coverage must be in (0, 1], got {self.label_coverage}")
+        at_least("score.text.simple_max_tags", self.simple_max_tags, 1)
+        at_least("score.text.contexts", self.contexts, 1)
+
+
 def build(dataset: TextConfig, cache=None) -> Task:
     import numpy as np
 
-    from polca_study import report
-    from polca_study.data import text
+    from polca_study.tasks import figures, text_data
 
-    data = text.TextData(dataset, cache)
+    data = text_data.TextData(dataset, cache)
     split = data.eval_split()
     return Task(
         name="text",
@@ -84,13 +101,13 @@ def build(dataset: TextConfig, cache=None) -> Task:
         eval_split=split,
         hessian_split=data.hessian_split,
         train_batches=data.train_batches,
-        token_loss=text.token_loss,
-        evaluate=text.evaluate,
+        token_loss=text_data.token_loss,
+        evaluate=text_data.evaluate,
         # text has no digit places: grouping=place clusters all tokens together
         groups=np.zeros(len(split.labels), dtype=int),
-        objective="label_purity_excess",
+        objective=METRICS.objective,
         score=score,
-        figures=report.text_figures,
+        figures=figures.text_figures,
         skill=lambda labels: labels["tag_w0"].astype(str),
         headline=lambda m, run_dir: (
             f"simply-labelled fraction {m['simply_labelled_fraction']:.3f} (null mean "
@@ -114,17 +131,17 @@ def score(cfg, assign, curves, labels, columns: int):
     `columns` counts all the method's columns, dropped ones included."""
     import numpy as np
 
-    from polca_study.cluster import features
-    from polca_study.cluster_labels import (
+    from polca_study.analysis.cluster import features
+    from polca_study.analysis.score import ami_and_coverage
+    from polca_study.tasks.text_labels import (
         best_label_purity,
         cluster_contexts,
         simply_labelled_fraction,
         simply_labelled_null,
         text_cluster_table,
     )
-    from polca_study.score import ami_and_coverage
 
-    s = cfg.score
+    s = cfg.score.text
     table = text_cluster_table(assign, labels, s.label_coverage, s.simple_max_tags)
     fraction = simply_labelled_fraction(table, columns)
     purity = best_label_purity(table, columns)
@@ -134,7 +151,9 @@ def score(cfg, assign, curves, labels, columns: int):
         "label_purity": purity,
     }
     metrics.update(ami_and_coverage(assign, labels, skills=("tag_w0",)))
-    null = simply_labelled_null(assign, labels, s.permutations, s.label_coverage, s.simple_max_tags, cfg.seed)
+    null = simply_labelled_null(
+        assign, labels, cfg.score.permutations, s.label_coverage, s.simple_max_tags, cfg.seed
+    )
     for name, observed in (("simply_labelled_fraction", fraction), ("label_purity", purity)):
         if not null:
             break
@@ -153,14 +172,14 @@ def score(cfg, assign, curves, labels, columns: int):
 
 def write_outputs(run_dir: Path, metrics: dict, tables: dict, tracker) -> None:
     """contexts.csv, clusters.md (labels and nearest contexts) and their W&B table."""
-    from polca_study import report
     from polca_study.atomic import write_atomic
+    from polca_study.tasks import figures
 
     table, contexts = tables["clusters"], tables["contexts"]
     write_atomic(run_dir / "contexts.csv", lambda p: contexts.to_csv(p, index=False))
-    markdown = report.text_clusters_markdown(metrics, table, contexts)
+    markdown = figures.text_clusters_markdown(metrics, table, contexts)
     write_atomic(run_dir / "clusters.md", lambda p: p.write_text(markdown))
-    tracker.table("cluster_contexts", report.contexts_table(table, contexts))
+    tracker.table("cluster_contexts", figures.contexts_table(table, contexts))
 
 
 METRICS = TaskMetrics(
@@ -179,6 +198,8 @@ METRICS = TaskMetrics(
     summary={"label_purity_excess": "purity excess"},
     headline=("label_purity_excess",),
     views=("label_purity_excess",),
+    objective="label_purity_excess",
+    regime=("dataset.source",),
 )
 
 KIND = TaskKind("text", TextConfig, build, history_group, METRICS)

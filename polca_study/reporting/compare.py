@@ -1,0 +1,353 @@
+"""Tables comparing the jobs of a multirun (methods, basis ablations, settings).
+
+Runs automatically at the end of every multirun (a Hydra callback), or by hand:
+
+    python -m polca_study.reporting.compare multirun/2026-11-22/10-00-00
+
+Writes into the sweep directory, and logs to W&B in the sweep's group:
+- `comparison.md/.csv`: one row per job;
+- when the jobs span several seeds (`seed` is a sweep dimension like any other):
+  `seeds.md/.csv`, per condition (the jobs' overrides other than the seed) and metric,
+  the mean, standard deviation, a 95% bootstrap interval over seeds and the number of
+  seeds; and `paired.md/.csv`, POLCA against each other method under the same remaining
+  settings, paired by seed: the mean difference, its 95% bootstrap interval, an exact
+  sign-flip test and a paired t-test; `summary.md`, the main metrics of both, short.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from scipy import stats
+
+from polca_study.atomic import write_atomic, write_text_atomic
+from polca_study.tasks import TASKS
+
+log = logging.getLogger(__name__)
+
+# Every task's runs have these; each task adds its own (tasks.TASKS[...].metrics).
+COMMON_COLUMNS = {
+    "aggregate_breakthrough_step": "aggregate BT step",
+    "hidden_breakthrough_fraction": "hidden BT frac.",
+    "coverage": "coverage",
+    "clusters": "clusters",
+    "unallocated_share": "unallocated share",
+}
+COMMON_SEED_METRICS = (
+    "hidden_breakthrough_fraction",
+    "coverage",
+    "clusters",
+    # beyond the paper: how much of the loss change a method leaves unallocated, and (in
+    # polca=exact runs) how far the paper's second-order approximation is from exact
+    "unallocated_share",
+    "paper_second_order_relative_error",
+)
+COMMON_PAIRED_METRICS = ("hidden_breakthrough_fraction",)
+
+
+def _tasks():
+    return [kind.metrics for kind in TASKS.values()]  # read at call time: tasks may be added
+
+
+def _union(*groups) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m for group in groups for m in group))
+
+
+def columns() -> dict[str, str]:
+    """comparison.md's headings: each task's metrics, then the common ones."""
+    return {k: v for t in _tasks() for k, v in t.columns.items()} | COMMON_COLUMNS
+
+
+def seed_metrics() -> tuple[str, ...]:
+    return _union(*(t.seeds for t in _tasks()), COMMON_SEED_METRICS)
+
+
+def paired_metrics() -> tuple[str, ...]:
+    return _union(*(t.paired for t in _tasks()), COMMON_PAIRED_METRICS)
+
+
+def summary_metrics() -> dict[str, str]:
+    """summary.md's columns: each task's main metrics, the hidden breakthroughs, the
+    share of the loss change a method leaves unallocated and (exact mode) the paper's
+    second-order approximation's relative error."""
+    merged = {k: v for t in _tasks() for k, v in t.summary.items()}
+    return merged | {
+        "hidden_breakthrough_fraction": "hidden BT frac.",
+        "unallocated_share": "unallocated",
+        "paper_second_order_relative_error": "paper 2nd-order error",
+    }
+
+
+def headline_metrics() -> tuple[str, ...]:
+    """Each task's objective and its excess (summary.md's paired part, the W&B views)."""
+    return _union(*(t.headline for t in _tasks()))
+
+
+def job_overrides(run_dir: Path) -> dict[str, str]:
+    """The job's command-line overrides, from Hydra's record."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    items = [str(o) for o in OmegaConf.load(path)] if path.exists() else []
+    return dict(o.split("=", 1) for o in items if "=" in o)
+
+
+def comparison_table(sweep_dir: Path) -> pd.DataFrame:
+    """One row per job; jobs are named by the overrides that differ between them."""
+    summaries = sorted(Path(sweep_dir).rglob("summary.json"), key=lambda p: _job_number(p.parent))
+    overrides = [job_overrides(p.parent) for p in summaries]
+    keys = sorted({k for o in overrides for k in o})
+    varying = [k for k in keys if len({o.get(k) for o in overrides}) > 1] or keys
+    rows, headings = [], columns()
+    for summary, over in zip(summaries, overrides, strict=True):
+        metrics = json.loads(summary.read_text())
+        label = ", ".join(f"{k}={over[k]}" for k in varying if k in over) or summary.parent.name
+        row = {"job": label, "method": metrics.get("method")}
+        row.update({name: metrics.get(key) for key, name in headings.items()})
+        rows.append(row)
+    return pd.DataFrame(rows).dropna(axis=1, how="all")  # arithmetic or text columns only
+
+
+# Overrides that choose the method; the rest (data, clustering protocol...) is the
+# context within which methods are paired.
+METHOD_KEYS = ("method", "polca", "polca.second_order", "basis", "basis.kind")
+REFERENCE = {"method": "polca"}  # POLCA with the default (path) second order and basis
+# Overrides that change how a job runs, not what it measures: never part of a condition.
+RUN_KEYS = ("cache_dir", "num_threads", "logger", "progress", "figures", "save_trajectories", "device")
+
+
+def seed_frame(sweep_dir: Path) -> pd.DataFrame:
+    """One row per job: its condition (the overrides that vary between jobs, other than
+    the seed, as text), the condition's method and context parts, its seed and metrics."""
+    rows, wanted = [], seed_metrics()
+    summaries = sorted(Path(sweep_dir).rglob("summary.json"))
+    overrides = [job_overrides(p.parent) for p in summaries]
+    keys = {k for o in overrides for k in o}
+    varying = {k for k in keys if len({o.get(k) for o in overrides}) > 1}
+    for summary, over in zip(summaries, overrides, strict=True):
+        metrics = json.loads(summary.read_text())
+        rest = {k: v for k, v in over.items() if k != "seed" and k in varying and k not in RUN_KEYS}
+        method = {k: v for k, v in rest.items() if k in METHOD_KEYS}
+        context = {k: v for k, v in rest.items() if k not in METHOD_KEYS}
+        rows.append(
+            {
+                "condition": _label(rest),
+                "method": _label(method) or "method=polca",
+                "context": _label(context),
+                "seed": metrics.get("seed", over.get("seed")),
+                **{m: metrics.get(m) for m in wanted},
+            }
+        )
+    frame = pd.DataFrame(rows)
+    return frame.dropna(axis=1, how="all") if len(frame) else frame
+
+
+def _label(overrides: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
+def bootstrap_interval(
+    values: np.ndarray, draws: int = 10_000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean, resampling the values (seeds)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (draws, len(values)))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def sign_flip_p(differences: np.ndarray) -> float:
+    """Exact two-sided paired permutation test: the share of all 2^n sign flips whose
+    mean difference is at least as far from 0 as the observed (n <= 16; with 5 seeds the
+    smallest attainable p is 2/32 = 0.0625)."""
+    d = np.asarray(differences, dtype=float)
+    if len(d) == 0 or len(d) > 16:
+        return float("nan")
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+    flipped = np.abs((signs * d).mean(axis=1))
+    return float((flipped >= abs(d.mean()) - 1e-12).mean())
+
+
+def aggregate_seeds(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per condition and metric: n seeds, mean, standard deviation, 95% bootstrap interval."""
+    rows = []
+    metrics = [m for m in seed_metrics() if m in frame]
+    for condition, jobs in frame.groupby("condition", sort=False):
+        for m in metrics:
+            v = jobs[m].dropna().to_numpy(dtype=float)
+            if not len(v):
+                continue
+            lo, hi = bootstrap_interval(v)
+            rows.append(
+                {
+                    "condition": condition,
+                    "metric": m,
+                    "n": len(v),
+                    "mean": float(v.mean()),
+                    "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+                    "ci_low": lo,
+                    "ci_high": hi,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.DataFrame:
+    """POLCA minus each other method, within each context, paired by seed."""
+    ref_label = _label(reference)
+    rows = []
+    metrics = [m for m in paired_metrics() if m in frame]
+    for context, jobs in frame.groupby("context", sort=False):
+        ref = jobs[jobs["method"] == ref_label].set_index("seed")
+        if ref.empty:
+            continue
+        for method, other in jobs[jobs["method"] != ref_label].groupby("method", sort=False):
+            other = other.set_index("seed")
+            seeds = ref.index.intersection(other.index)
+            for m in metrics:
+                d = (ref.loc[seeds, m] - other.loc[seeds, m]).dropna().to_numpy(dtype=float)
+                if len(d) < 2:
+                    continue
+                lo, hi = bootstrap_interval(d)
+                t = stats.ttest_1samp(d, 0.0).pvalue if d.std() > 0 else float("nan")
+                rows.append(
+                    {
+                        "context": context,
+                        "baseline": method,
+                        "metric": m,
+                        "n": len(d),
+                        "polca_minus_baseline": float(d.mean()),
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "sign_flip_p": sign_flip_p(d),
+                        "t_test_p": float(t),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def seeds_markdown(agg: pd.DataFrame, metrics: tuple[str, ...] | None = None) -> str:
+    """Conditions as rows, metrics as columns: mean ± sd [95% interval] (n)."""
+    metrics = metrics or seed_metrics()
+    cell = agg.apply(
+        lambda r: f"{r['mean']:.3f} ± {r['std']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n})", axis=1
+    )
+    wide = agg.assign(cell=cell).pivot(index="condition", columns="metric", values="cell")
+    wide = wide[[m for m in metrics if m in wide]]
+    return wide.reset_index().to_markdown(index=False) + "\n"
+
+
+NO_PAIRS = f"No paired differences: pairing needs {_label(REFERENCE)} and another method on the same seeds."
+
+
+def summary_markdown(frame: pd.DataFrame, agg: pd.DataFrame, paired: pd.DataFrame) -> str:
+    """A short read of the two tables: per context, each method's mean [95% interval] of
+    the main metrics, then POLCA minus each baseline on the objective and its excess."""
+    out, summary = [], summary_metrics()
+    for context in sorted(frame["context"].unique()):
+        rows = []
+        for condition in frame.loc[frame["context"] == context, "condition"].unique():
+            sub = agg[agg["condition"] == condition].set_index("metric")
+            method = frame.loc[frame["condition"] == condition, "method"].iloc[0]
+            row = {"method": method, "seeds": int(sub["n"].max())}
+            for m, name in summary.items():
+                if m in sub.index:
+                    r = sub.loc[m]
+                    row[name] = f"{r['mean']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
+            rows.append(row)
+        table = pd.DataFrame(rows)
+        table = table[["method", "seeds", *[n for n in summary.values() if n in table]]]
+        out += [f"### {context or 'all jobs'}", "", table.to_markdown(index=False), ""]
+        if paired.empty:
+            out += [NO_PAIRS, ""]
+            continue
+        p = paired[(paired["context"] == context) & paired["metric"].isin(headline_metrics())]
+        if len(p):
+            p = p.assign(
+                diff=[
+                    f"{r.polca_minus_baseline:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}], "
+                    f"p = {r.sign_flip_p:.3f}"
+                    for r in p.itertuples()
+                ]
+            )
+            wide = p.pivot(index=["baseline", "n"], columns="metric", values="diff").reset_index()
+            out += [
+                "POLCA minus each baseline, paired by seed (sign-flip p):",
+                "",
+                wide.to_markdown(index=False),
+                "",
+            ]
+    return "\n".join(out)
+
+
+def _job_number(run_dir: Path) -> tuple[int, str]:
+    return (int(run_dir.name), "") if run_dir.name.isdigit() else (1 << 30, run_dir.name)
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def write_comparison(sweep_dir: Path, logger_cfg: DictConfig | None = None) -> pd.DataFrame:
+    table = comparison_table(sweep_dir)
+    if table.empty:
+        log.warning("no summaries under %s: nothing to compare", sweep_dir)
+        return table
+    _write_csv(sweep_dir / "comparison.csv", table)
+    write_text_atomic(sweep_dir / "comparison.md", table.to_markdown(index=False, floatfmt=".3f") + "\n")
+    log.info("comparison of %d jobs written to %s/comparison.md", len(table), sweep_dir)
+    tables = {"comparison": table}
+    frame = seed_frame(sweep_dir)
+    if len(frame) and frame["seed"].nunique() > 1:
+        agg, paired = aggregate_seeds(frame), paired_differences(frame)
+        _write_csv(sweep_dir / "seeds.csv", agg)
+        write_text_atomic(sweep_dir / "seeds.md", seeds_markdown(agg))
+        _write_csv(sweep_dir / "paired.csv", paired)
+        write_text_atomic(
+            sweep_dir / "paired.md",
+            paired.to_markdown(index=False, floatfmt=".3f") + "\n" if len(paired) else NO_PAIRS + "\n",
+        )
+        write_text_atomic(sweep_dir / "summary.md", summary_markdown(frame, agg, paired))
+        tables.update(seeds=agg, paired=paired)
+        log.info(
+            "%d seeds: per-condition means and intervals in seeds.md, POLCA against each "
+            "baseline in paired.md",
+            frame["seed"].nunique(),
+        )
+    if logger_cfg is not None:
+        _log_wandb(tables, sweep_dir, logger_cfg)
+    return table
+
+
+def _log_wandb(tables: dict[str, pd.DataFrame], sweep_dir: Path, logger_cfg) -> None:
+    from polca_study.reporting import tracking
+
+    config = {"sweep_dir": str(sweep_dir), "jobs": len(tables["comparison"])}
+    with tracking.sweep_run(logger_cfg, sweep_dir, config, job_type="comparison", tags=["comparison"]) as run:
+        for key, table in tables.items():
+            run.table(key, table)  # numeric columns, intervals as ci_low/ci_high
+
+
+class ComparisonCallback(Callback):
+    """Hydra callback: write the comparison table when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        try:
+            write_comparison(Path(config.hydra.sweep.dir), config.get("logger"))
+        except Exception as err:  # a report must never fail the sweep it summarises
+            log.warning("comparison table failed: %s", err)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m polca_study.reporting.compare <sweep directory>")
+    print(write_comparison(Path(sys.argv[1])).to_markdown(index=False, floatfmt=".3f"))
