@@ -9,6 +9,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from polca_study.reporting.keys import RUN_KEYS
+
 
 @dataclass
 class SamplerConf:
@@ -61,9 +63,8 @@ class OptunaSweeperConf:
     params: dict[str, Any] = field(default_factory=dict)
     # Config keys that do not change a trial's result (where it is cached or logged); the
     # study's fingerprint leaves them out, so changing them does not make a new study.
-    fingerprint_exclude: list[str] = field(
-        default_factory=lambda: ["cache_dir", "logger", "progress", "figures", "save_trajectories", "force"]
-    )
+    # polca-study's list (the comparison leaves the same keys out of its conditions).
+    fingerprint_exclude: list[str] = field(default_factory=lambda: list(RUN_KEYS))
 
 
 ConfigStore.instance().store(

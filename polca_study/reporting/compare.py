@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
 from polca_study.atomic import write_atomic, write_text_atomic
+from polca_study.reporting import keys
 from polca_study.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def comparison_table(sweep_dir: Path) -> pd.DataFrame:
 METHOD_KEYS = ("method", "polca", "polca.second_order", "basis", "basis.kind")
 REFERENCE = {"method": "polca"}  # POLCA with the default (path) second order and basis
 # Overrides that change how a job runs, not what it measures: never part of a condition.
-RUN_KEYS = ("cache_dir", "num_threads", "logger", "progress", "figures", "save_trajectories", "device")
+RUN_KEYS = (*keys.RUN_KEYS, *keys.MACHINE_KEYS)
 
 
 def seed_frame(sweep_dir: Path) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from typing import Any
 
 import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
-import yaml
+from omegaconf import OmegaConf
 
 from polca_study.tasks import TASKS
 from polca_study.tasks.task import TaskMetrics
@@ -266,7 +266,7 @@ def comparison_views(
 def sweep_task(sweep_dir: Path) -> str:
     """The task of a sweep's jobs (the `dataset.name` of the first job Hydra recorded)."""
     for config in sorted(Path(sweep_dir).glob("*/.hydra/config.yaml")):
-        name = (yaml.safe_load(config.read_text()).get("dataset") or {}).get("name")
+        name = OmegaConf.select(OmegaConf.load(config), "dataset.name", default=None)
         if name in TASKS:
             return name
     return DEFAULT_TASK

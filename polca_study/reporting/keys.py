@@ -1,0 +1,13 @@
+"""Which settings say how a job runs rather than what it measures.
+
+One list for every reader: a comparison leaves these out of its conditions, and an
+Optuna study (the sweeper's `fingerprint_exclude`) out of what it was built from.
+Light on purpose: the sweeper plugin imports it when Hydra discovers plugins.
+"""
+
+# Where a job's results go and how they are shown: never the results.
+RUN_KEYS = ("cache_dir", "logger", "progress", "figures", "save_trajectories", "force")
+# How a job computes: its numbers change in the last bits at most. Jobs that differ in
+# them are one condition of a comparison; a study's fingerprint keeps them, so one
+# study's trials are computed alike.
+MACHINE_KEYS = ("num_threads", "device")
