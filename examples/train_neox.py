@@ -23,7 +23,8 @@ import torch
 import transformers
 
 from polca_study.snapshots.record import SnapshotRecorder
-from polca_study.tasks.text_data import EOT, TextConfig, TextData
+from polca_study.tasks.text import TextConfig
+from polca_study.tasks.text_data import EOT, TextData
 
 
 def main() -> None:

@@ -10,7 +10,12 @@ from tests.conftest import CONF_DIR, POLCA, ROOT, compose_config
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
 # options whose intervals only fit their own presets: compose them with matching intervals
-COMPANIONS = {("train", "paper"): ["polca.interval=20", "basis.interval=200"]}
+COMPANIONS = {
+    ("train", "paper"): ["polca.interval=20", "basis.interval=200"],
+    # a store or a model is the option's mandatory setting (`path: ???`)
+    ("snapshots", "recorded"): ["snapshots.path=runs/mine"],
+    ("snapshots", "huggingface"): ["snapshots.path=EleutherAI/pythia-70m"],
+}
 
 
 @pytest.mark.parametrize("group", GROUPS)

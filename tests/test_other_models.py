@@ -25,7 +25,8 @@ STEPS, EVERY = 20, 5
 def text(tmp_path_factory):
     """The tiny text study's data, tokenized by a tokenizer saved as a user's would be."""
     require_corpus()
-    from polca_study.tasks.text_data import EOT, TextConfig, TextData
+    from polca_study.tasks.text import TextConfig
+    from polca_study.tasks.text_data import EOT, TextData
 
     root = tmp_path_factory.mktemp("text")
     tiny = dict(

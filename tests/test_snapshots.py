@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from polca_study.snapshots.store import Parameter, SnapshotStore, SnapshotWriter
+from polca_study.snapshots.store import Parameter, SnapshotStore, SnapshotWriter, StoreError
 from tests.conftest import POLCA, ROOT
 
 
@@ -65,7 +65,7 @@ def test_store_reads_lazily_and_checks_integrity(tmp_path):
     blob = bytearray((tmp_path / "step-00000001.safetensors").read_bytes())
     blob[-1] ^= 1
     (tmp_path / "step-00000001.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(OSError, match="integrity"):
+    with pytest.raises(StoreError, match="does not match its SHA-256"):
         store.flat(1)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["version"] = 99

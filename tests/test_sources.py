@@ -45,7 +45,7 @@ def test_each_source_has_its_own_config_node(tmp_path):
     """A setting of another source is not silently carried along: Hydra refuses it."""
     from hydra.errors import ConfigCompositionException
 
-    assert set(compose_config().snapshots) == {"kind", "tokenizer"}
+    assert set(compose_config().snapshots) == {"kind", "tokenizer", "allow_duplicates"}
     for overrides in (
         ["snapshots.path=runs/mine"],  # our own training reads no path
         ["snapshots=recorded", "snapshots.path=runs/mine", "snapshots.revisions=[step0]"],
@@ -95,7 +95,8 @@ def neox_run(tmp_path_factory):
     loop on the offline corpus with its own tokenizer; recorded every 10 steps, and
     saved as Hugging Face checkpoints (checkpoint-N/) every 20."""
     require_corpus()
-    from polca_study.tasks.text_data import EOT, TextConfig, TextData
+    from polca_study.tasks.text import TextConfig
+    from polca_study.tasks.text_data import EOT, TextData
     from tests.conftest import DATA_DIR
 
     root = tmp_path_factory.mktemp("neox")

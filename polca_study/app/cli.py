@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from polca_study.atomic import write_text_atomic
 from polca_study.errors import ConfigError
 from polca_study.study.config import CONF_DIR, register
 
@@ -31,6 +34,7 @@ def job_info() -> dict:
         "overrides": list(hc.overrides.task),
         "preset": hc.runtime.choices.get("experiment") or "default",
         "run_dir": hc.runtime.output_dir,
+        "job_num": hc.job.num if multirun else None,
     }
 
 
@@ -58,19 +62,14 @@ def resolve_paths(cfg: DictConfig, cwd: str) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def study(cfg: DictConfig) -> float:
     from polca_study.study.pipeline import run
-    from polca_study.tasks.corpus import CorpusMissing
 
     info = job_info()
     resolve_paths(cfg, HydraConfig.get().runtime.cwd)
+    run_dir = info.pop("run_dir")
     try:
-        metrics = run(cfg, info.pop("run_dir"), info)
-    except (ConfigError, CorpusMissing) as err:
-        # a bad setting of a single run: one line, no traceback (a sweep records it as
-        # its trial's failure instead; HYDRA_FULL_ERROR=1 shows the traceback)
-        if HydraConfig.get().mode == RunMode.RUN and os.environ.get("HYDRA_FULL_ERROR") != "1":
-            print(f"polca-study: error: {err}", file=sys.stderr)
-            sys.exit(2)
-        raise
+        metrics = run(cfg, run_dir, info)
+    except ConfigError as err:  # a setting, a store or a corpus this job cannot use
+        return refused(err, info, run_dir)
     objective = metrics["objective"]  # the task's: carry_recovery_excess or label_purity_excess
     value = metrics.get(objective)
     if metrics.get("clusters", 0) == 0:  # a search scores it (as no recovery), a user is told
@@ -81,6 +80,28 @@ def study(cfg: DictConfig) -> float:
     if value is None or not math.isfinite(value):
         raise RuntimeError(f"the run produced no finite {objective}: {value!r}")
     return float(value)
+
+
+def refused(err: ConfigError, info: dict, run_dir: str) -> float:
+    """A job that cannot run as set: one line, no traceback (HYDRA_FULL_ERROR=1 shows it).
+    A single run exits with 2. A trial of an Optuna study fails, for the study to record
+    (and retry). A job of any other multirun records why in its directory (`failed.json`)
+    and lets the others run: the comparison names it and the multirun exits with 1."""
+    from polca_study.reporting.compare import FAILED
+    from polca_study.reporting.tracking import STUDY_ENV
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    if not info["multirun"]:
+        print(f"polca-study: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if STUDY_ENV in os.environ:
+        raise err
+    job = f"job {info['job_num']} ({' '.join(info['overrides'])})"
+    print(f"polca-study: error: {job}: {err}", file=sys.stderr)
+    record = {"job": info["job_num"], "overrides": info["overrides"], "error": str(err)}
+    write_text_atomic(Path(run_dir) / FAILED, json.dumps(record, indent=2) + "\n")
+    return float("nan")
 
 
 def main() -> None:

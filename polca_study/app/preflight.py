@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from polca_study.errors import ConfigError, did_you_mean
+from polca_study.paths import unwritable
 from polca_study.study.config import CONF_DIR, validate
 
 MULTIRUN = ("-m", "--multirun")
@@ -51,11 +52,12 @@ def _check(overrides: list[str], multirun: bool) -> str | None:
     sweeps = [o for o in parsed if o.is_sweep_override()]
     if sweeps and not multirun:
         return f"{sweeps[0].input_line} is a sweep: add -m (--multirun) to run one job per value"
-    if not multirun:  # one job: one composition
-        return _validate(_compose(fixed), "")
-    base = _compose(fixed, hydra=True)  # the sweeper's params live in Hydra's node
+    base = _compose(fixed, hydra=True)  # the run directories and the sweeper's params live there
     if isinstance(base, str):
         return base
+    problem = _output_dir(base, multirun)
+    if problem or not multirun:  # one job: its composition, without Hydra's node
+        return problem or _validate(_compose(fixed), "")
     jobs = _jobs(base, parsed)
     for values in itertools.islice(jobs, MAX_JOBS):
         values = list(values)
@@ -64,6 +66,20 @@ def _check(overrides: list[str], multirun: bool) -> str | None:
         if problem:
             return problem
     return None
+
+
+def _output_dir(base, multirun: bool) -> str | None:
+    """Hydra creates the job's directory before the job runs: one it cannot create or
+    write would end in a traceback."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        path = OmegaConf.select(base, key)
+    except OmegaConfBaseException as err:
+        return f"{key}: {_first_line(err)}"
+    problem = unwritable(path)
+    return (
+        f"{key}={path} cannot be created: {problem}; set {key} to a writable directory" if problem else None
+    )
 
 
 def _jobs(base, command_line) -> itertools.product:

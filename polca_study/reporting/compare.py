@@ -121,6 +121,7 @@ METHOD_KEYS = ("method", "polca", "polca.second_order", "basis", "basis.kind")
 REFERENCE = {"method": "polca"}  # POLCA with the default (path) second order and basis
 # Overrides that change how a job runs, not what it measures: never part of a condition.
 RUN_KEYS = (*keys.RUN_KEYS, *keys.MACHINE_KEYS)
+FAILED = "failed.json"  # in a job's directory: why it did not run (app/cli.py writes it)
 
 
 def seed_frame(sweep_dir: Path) -> pd.DataFrame:
@@ -298,13 +299,30 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
     write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
+def failed_jobs(sweep_dir: Path) -> list[dict]:
+    """The jobs that could not run as set (`failed.json`: job, overrides, error)."""
+    paths = sorted(Path(sweep_dir).rglob(FAILED), key=lambda p: _job_number(p.parent))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def failed_markdown(failed: list[dict]) -> str:
+    lines = ["", "## Jobs that did not run", ""]
+    for f in failed:
+        lines.append(f"- job {f['job']} ({' '.join(f['overrides'])}): {f['error']}")
+    return "\n".join(lines) + "\n"
+
+
 def write_comparison(sweep_dir: Path, logger_cfg: DictConfig | None = None) -> pd.DataFrame:
     table = comparison_table(sweep_dir)
     if table.empty:
         log.warning("no summaries under %s: nothing to compare", sweep_dir)
         return table
+    failed = failed_jobs(sweep_dir)
     _write_csv(sweep_dir / "comparison.csv", table)
-    write_text_atomic(sweep_dir / "comparison.md", table.to_markdown(index=False, floatfmt=".3f") + "\n")
+    write_text_atomic(
+        sweep_dir / "comparison.md",
+        table.to_markdown(index=False, floatfmt=".3f") + "\n" + (failed_markdown(failed) if failed else ""),
+    )
     log.info("comparison of %d jobs written to %s/comparison.md", len(table), sweep_dir)
     tables = {"comparison": table}
     frame = seed_frame(sweep_dir)
@@ -339,13 +357,23 @@ def _log_wandb(tables: dict[str, pd.DataFrame], sweep_dir: Path, logger_cfg) -> 
 
 
 class ComparisonCallback(Callback):
-    """Hydra callback: write the comparison table when a multirun ends."""
+    """Hydra callback: write the comparison table when a multirun ends. Jobs that could
+    not run are named in it and, once it is written, make the multirun exit with 1."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            write_comparison(Path(config.hydra.sweep.dir), config.get("logger"))
+            write_comparison(sweep_dir, config.get("logger"))
         except Exception as err:  # a report must never fail the sweep it summarises
             log.warning("comparison table failed: %s", err)
+        failed = failed_jobs(sweep_dir)
+        if failed:
+            print(
+                f"polca-study: {len(failed)} of the multirun's jobs did not run (see above); "
+                f"the others' comparison is in {sweep_dir}",
+                file=sys.stderr,
+            )
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +35,25 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from polca_study.atomic import write_bytes_atomic
+from polca_study.errors import ConfigError
 
 FORMAT = "polca-snapshots"
 VERSION = 1
 MANIFEST = "manifest.json"
+
+
+class StoreError(ConfigError):
+    """A store that cannot be read or analysed as it is; the message names the file
+    and, where there is one, the step."""
+
+
+class CorruptSnapshot(StoreError):
+    """A snapshot file missing or unlike its manifest's SHA-256: a store computed here
+    is computed again; one recorded elsewhere is refused."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass(frozen=True)
@@ -91,9 +106,9 @@ class SnapshotWriter:
         self.parameters = list(parameters)
         manifest_file = self.directory / MANIFEST
         if manifest_file.exists():
-            manifest = _read_manifest(self.directory)
+            manifest = read_manifest(self.directory)
             if [_as_parameter(p) for p in manifest["parameters"]] != self.parameters:
-                raise ValueError(
+                raise StoreError(
                     f"the store in {self.directory} holds other parameters than the ones being written"
                 )
             self.snapshots = manifest["snapshots"]
@@ -171,12 +186,14 @@ class SnapshotStore:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
-        manifest = _read_manifest(self.directory)
+        manifest = read_manifest(self.directory)
         self.parameters = [_as_parameter(p) for p in manifest["parameters"]]
         self.model: dict | None = manifest.get("model")
         self._entries = {s["step"]: s for s in manifest["snapshots"]}
         self.steps = np.array(sorted(self._entries), dtype=np.int64)
         self.reads = 0  # snapshot files read so far (tests check stages that must not read any)
+        # called once, before the first snapshot is read (a source's checks of the files)
+        self.before_first_read: Callable[[], object] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -194,11 +211,21 @@ class SnapshotStore:
 
     def state(self, step: int) -> dict[str, Tensor]:
         """Every parameter at `step`, by name."""
-        entry = self._entry(step)
-        blob = (self.directory / entry["file"]).read_bytes()
+        step = int(step)
+        if self.before_first_read is not None:
+            check, self.before_first_read = self.before_first_read, None
+            check()
+        entry = self.entry(step)
+        path = self.directory / entry["file"]
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(
+                f"{path} is missing: the snapshot at step {int(step)} that {MANIFEST} lists"
+            ) from None
         self.reads += 1
         if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
-            raise OSError(f"snapshot {self.directory / entry['file']} failed its integrity check (SHA-256)")
+            raise CorruptSnapshot(f"{path} (step {step}) does not match its SHA-256 in {MANIFEST}", step)
         return load_safetensors(blob)
 
     def flat(self, step: int, dtype: torch.dtype | None = None, device=None) -> Tensor:
@@ -210,13 +237,18 @@ class SnapshotStore:
     def sequence(self, steps: Sequence[int], dtype=None, device=None) -> LazySnapshots:
         missing = [int(s) for s in steps if int(s) not in self._entries]
         if missing:
-            raise ValueError(
+            raise StoreError(
                 f"the store in {self.directory} has no snapshot at steps {missing[:5]}; "
                 f"it holds steps {self.steps[:3].tolist()}...{self.steps[-3:].tolist()}"
             )
         return LazySnapshots(self, [int(s) for s in steps], dtype, device)
 
-    def _entry(self, step: int) -> dict:
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST
+
+    def entry(self, step: int) -> dict:
+        """The manifest's entry of `step`: its file and SHA-256."""
         if int(step) not in self._entries:
             raise KeyError(f"no snapshot at step {step} in {self.directory}")
         return self._entries[int(step)]
@@ -242,17 +274,47 @@ class LazySnapshots(Sequence):
             yield self.store.flat(step, self.dtype, self.device)
 
 
-def _read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{directory} is not a snapshot store: it has no {MANIFEST}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(
-            f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+def read_manifest(directory: Path) -> dict:
+    """The store's manifest, refused in one line naming the file when it is not one this
+    reader takes: not JSON, another format, an entry without its step, file or SHA-256,
+    a step listed twice or out of order."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise StoreError(f"{directory} is not a snapshot store: it has no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(f"{path} is not valid JSON: {err}") from None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or manifest.get("version") != VERSION
+    ):
+        found = (
+            (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
+        )
+        raise StoreError(
+            f"{path}: format {found[0]!r} version {found[1]!r}; "
             f"this reader takes {FORMAT!r} version {VERSION}"
         )
+    for key in ("parameters", "snapshots"):
+        if not isinstance(manifest.get(key), list):
+            raise StoreError(f"{path} has no list of {key}")
+    _check_entries(path, manifest["snapshots"])
     return manifest
+
+
+def _check_entries(path: Path, snapshots: list) -> None:
+    previous = None
+    for i, s in enumerate(snapshots):
+        if not isinstance(s, dict) or not {"step", "file", "sha256"} <= set(s):
+            raise StoreError(f"{path}: snapshot entry {i} needs a step, a file and a sha256, got {s!r}")
+        step = s["step"]
+        if previous is not None and step == previous:
+            raise StoreError(f"{path} lists step {step} twice: a store holds one snapshot per step")
+        if previous is not None and step < previous:
+            raise StoreError(f"{path} lists step {step} after step {previous}: its steps must increase")
+        previous = step
 
 
 def _as_parameter(p: dict) -> Parameter:

@@ -44,6 +44,8 @@ import pandas as pd
 import torch
 
 from polca_study.atomic import write_atomic
+from polca_study.errors import ConfigError
+from polca_study.paths import unwritable
 
 log = logging.getLogger(__name__)
 # Bump when a stage's computation changes, so old entries are not reused. decompose 3:
@@ -76,6 +78,12 @@ class StageCache:
         self, root: str | os.PathLike, force: set[str] | None = None, environment: dict | None = None
     ):
         self.root = Path(root)
+        problem = unwritable(self.root)
+        if problem and not self.root.is_dir():  # "is a file", or nothing there to read
+            raise ConfigError(f"cache_dir={root} cannot hold a cache: {problem}")
+        # A read-only cache (a shared copy, a read-only mount) is read as it is: its locks
+        # go to a directory of this machine's, and a stage missing from it is refused.
+        self.read_only = problem is not None
         # what computed the entries (library versions, threads, device): recorded, not keyed
         self.environment = environment or {}
         self.force = set(force or ())
@@ -141,12 +149,27 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def _lock_dir(self, stage: str) -> Path:
+        if not self.read_only:
+            return self.root / stage
+        beside = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "polca-study-locks" / beside / stage
+
+    def _refuse_if_read_only(self, stage: str, key: str) -> None:
+        """Before any work: a stage a read-only cache lacks could not be stored."""
+        if self.read_only:
+            raise ConfigError(
+                f"cache_dir={self.root} is read-only and holds no {stage} entry for this run ({key}): "
+                "point cache_dir at a writable directory (a copy of this one keeps its entries)"
+            )
+
     @contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
         """Hold the entry's lock: parallel jobs (the joblib launcher, workers sharing a
         cache) that miss the same entry compute it once; the others wait, then read it."""
-        (self.root / stage).mkdir(parents=True, exist_ok=True)
-        with open(self.root / stage / f".{key}.lock", "w") as f:
+        where = self._lock_dir(stage)
+        where.mkdir(parents=True, exist_ok=True)
+        with open(where / f".{key}.lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -190,6 +213,8 @@ class StageCache:
                     results[i] = load(i)
                 self.hits[stage] = results[0] is not None
                 missing = [i for i, r in enumerate(results) if r is None] if results[0] is None else []
+                if missing:
+                    self._refuse_if_read_only(stage, keys[missing[0]])
                 computed = compute(missing) if missing else []
                 for i, value in zip(missing, computed, strict=True):
                     if value is None:
@@ -208,19 +233,26 @@ class StageCache:
         return [(build(r), key) for r, key in zip(results, keys, strict=True)]
 
     def get_or_build(
-        self, stage: str, spec: dict, build: Callable[[Path], None], open_: Callable[[Path], Any]
+        self,
+        stage: str,
+        spec: dict,
+        build: Callable[[Path], None],
+        open_: Callable[[Path], Any],
+        again: bool = False,
     ) -> tuple[Any, str]:
         """A stage whose result is a directory written as it goes (a training run's
         snapshot store). `build(work)` writes into `<stage>/<key>.partial/`, which
         survives a kill, so a rerun resumes from what `build` left there; the finished
-        directory is renamed into place and returned opened by `open_`."""
+        directory is renamed into place and returned opened by `open_`. `again`: build
+        it afresh, as `force` does (the caller found the entry damaged)."""
         key = stage_key(stage, spec)
         final = self.path(stage, key)
-        forced = stage in self.force or "all" in self.force
+        forced = again or stage in self.force or "all" in self.force
         with self.lock(stage, key):
             done = (final / "meta.json").exists() and not forced
             self.hits[stage] = done
             if not done:
+                self._refuse_if_read_only(stage, key)
                 work = final.with_name(f".{key}.partial")
                 if forced:
                     shutil.rmtree(work, ignore_errors=True)

@@ -13,6 +13,7 @@ pandas, scipy, hdbscan, scikit-learn, matplotlib or W&B.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from polca_study.tasks.text import TextScore
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # installed with the package
 LOGGER_MODES = ("auto", "offline", "online", "disabled")
 STAGES = ("train", "basis", "decompose")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -105,7 +107,9 @@ class ScoreConfig:
 
 # Each source has its own `snapshots` node: a setting of another source is refused.
 # `tokenizer` (all of them): for text, a pretrained tokenizer (hub id or directory) in
-# place of one trained on the corpus.
+# place of one trained on the corpus. `allow_duplicates` (all of them): analyse a store
+# in which two steps hold identical parameters (refused by default: a recorder writing
+# one snapshot twice, or a suite serving one revision's weights under another's name).
 
 
 @dataclass
@@ -114,6 +118,7 @@ class TrainSnapshots:
 
     kind: str = "train"
     tokenizer: str | None = None
+    allow_duplicates: bool = False
 
 
 @dataclass
@@ -126,6 +131,13 @@ class RecordedSnapshots:
     # for a model that is neither ours nor a `transformers` one
     factory: str | None = None
     tokenizer: str | None = None
+    allow_duplicates: bool = False
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError(
+                "snapshots.path must name the directory of a recorded snapshot store (snapshots=recorded)"
+            )
 
 
 @dataclass
@@ -139,6 +151,13 @@ class HuggingFaceSnapshots:
     revisions: list[str] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)  # each revision's step; empty: from its name
     tokenizer: str | None = None  # the yaml sets the model's own (its path)
+    allow_duplicates: bool = False
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError(
+                "snapshots.path must name a Hugging Face model: a hub id (org/name) or a local directory"
+            )
 
 
 # the `snapshots` group's option -> its schema; `sources.SOURCES` has the code of each
@@ -184,6 +203,11 @@ class Config:
     save_trajectories: bool = True  # trajectories.parquet (and its W&B artifact)
 
     def __post_init__(self):
+        # numpy's generators take seeds in [0, 2**32)
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if not DEVICE.fullmatch(str(self.device)):
+            raise ConfigError(f"device must be one of auto, cpu, cuda, cuda:N, got {self.device!r}")
         for stage in self.force:
             choice("force[]", stage, STAGES + ("all",))
         if self.num_threads is not None:

@@ -14,7 +14,7 @@ import os
 import resource
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +32,11 @@ from polca_study.analysis.score import (
 from polca_study.atomic import write_atomic
 from polca_study.core.basis import Basis
 from polca_study.core.decompose import Decomposition
+from polca_study.errors import ConfigError
 from polca_study.reporting import tracking
 from polca_study.reporting.charts import log_study_charts
 from polca_study.snapshots.run import SnapshotRun
+from polca_study.snapshots.store import CorruptSnapshot
 from polca_study.study import environment
 from polca_study.study.cache import StageCache
 from polca_study.study.config import Config, validate
@@ -66,9 +68,18 @@ def stage(name: str, timings: dict, memory: dict):
 
 
 def resolve_device(name: str) -> torch.device:
+    """The validated `device` setting as a torch device; a GPU this machine lacks is a
+    setting it cannot take."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={name}, but torch finds no CUDA device here: use device=cpu or device=auto"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name}, but this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 # ---------------------------------------------------------------------- analysis
@@ -275,6 +286,7 @@ def _run(
 def _compute(cfg: Config, cache: StageCache, tracker, device, timings: dict, memory: dict) -> Computed:
     """The cached stages, in order: data, snapshots (trained or imported), basis, decompositions."""
     source = make_source(cfg)
+    source.check_settings()  # before any work
     with stage("data", timings, memory):
         task = make_task(cfg.dataset, cache)
     with stage("train", timings, memory):  # or the snapshots of another source
@@ -282,6 +294,19 @@ def _compute(cfg: Config, cache: StageCache, tracker, device, timings: dict, mem
     tracker.define_training_metrics()
     _log_history(tracker, snapshots.history, snapshots.train_loss, TASKS[task.name].history_group)
     ctx = StageContext(cfg, task, source, snapshots, train_key, cache, device, cfg.progress)
+    try:
+        basis, traj, lca, keys = _basis_and_decompositions(ctx, timings, memory)
+    except CorruptSnapshot as err:  # found at the first read: the source makes its store again
+        snapshots, train_key = source.again(err, task, cache, device, cfg.progress)
+        ctx = replace(ctx, run=snapshots, train_key=train_key)
+        basis, traj, lca, keys = _basis_and_decompositions(ctx, timings, memory)
+    return Computed(task, snapshots, basis, traj, lca, {"train": train_key, **keys})
+
+
+def _basis_and_decompositions(ctx: StageContext, timings: dict, memory: dict):
+    """The basis, the decomposition along it and, for a method with its own directions
+    (LCA), along those; and the cache keys of the first two."""
+    cfg = ctx.cfg
     with stage("basis", timings, memory):
         basis, basis_key = stage_basis(ctx)
     with stage("decompose", timings, memory):
@@ -293,13 +318,12 @@ def _compute(cfg: Config, cache: StageCache, tracker, device, timings: dict, mem
         if parameters is not None:  # the method's own directions: single parameters
             lca, _ = stage_decompose(
                 ctx,
-                lambda: parameters.choose(snapshots),
-                f"{train_key}/{parameters.name}",
+                lambda: parameters.choose(ctx.run),
+                f"{ctx.train_key}/{parameters.name}",
                 parameters.name,
                 "none",
             )
-    keys = {"train": train_key, "basis": basis_key, "decompose": decompose_key}
-    return Computed(task, snapshots, basis, traj, lca, keys)
+    return basis, traj, lca, {"basis": basis_key, "decompose": decompose_key}
 
 
 def _report(

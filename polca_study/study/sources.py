@@ -37,8 +37,17 @@ from torch import nn
 
 from polca_study.errors import ConfigError, choice
 from polca_study.snapshots.architecture import ModelOf, build_model, model_info
+from polca_study.snapshots.checks import check_intervals, check_store
 from polca_study.snapshots.run import SnapshotRun
-from polca_study.snapshots.store import SnapshotStore, SnapshotWriter, parameters_of, snapshot_bytes
+from polca_study.snapshots.store import (
+    CorruptSnapshot,
+    SnapshotStore,
+    SnapshotWriter,
+    StoreError,
+    parameters_of,
+    read_manifest,
+    snapshot_bytes,
+)
 from polca_study.snapshots.train import train
 from polca_study.study.config import HuggingFaceSnapshots, RecordedSnapshots, TrainSnapshots
 
@@ -74,9 +83,19 @@ def evaluate_snapshots(store: SnapshotStore, module: nn.Module, task, device) ->
 class Source(ABC):
     """Snapshots for the stages. `prepare` returns (SnapshotRun, key): the key names the
     snapshots in the cache keys of the stages that read them. A source is a class here
-    with its config node (`schema`, a dataclass) and an entry in `SOURCES`."""
+    with its config node (`schema`, a dataclass) and an entry in `SOURCES`.
+
+    Every source checks its store (`snapshots.checks`): the manifest and the steps an
+    interval needs as it opens it, the files (integrity, identical parameters) before the
+    first read, so a run whose stages are all cached reads none. A store it made itself
+    and finds damaged it makes again (`again`); one made elsewhere it refuses, naming the
+    file and the step."""
 
     schema: type
+    # steps on a regular grid (our trainer, a recorder): every multiple of the basis and
+    # POLCA intervals in the store's range must be a snapshot. A suite of revisions is
+    # whatever steps were listed.
+    regular: bool = True
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -85,7 +104,24 @@ class Source(ABC):
 
     @abstractmethod
     def prepare(self, task, cache, device, progress) -> tuple[SnapshotRun, str]:
-        """The snapshots and their learning curves, and the key that names them."""
+        """The checked snapshots and their learning curves, and the key that names them."""
+
+    def check_settings(self) -> None:  # noqa: B027  most sources have nothing to check early
+        """What can be checked of the source before any work (a path that is not there)."""
+
+    def watch(self, store: SnapshotStore) -> SnapshotStore:
+        """The store, its steps checked now and its files before the first read: whole, as
+        its manifest says, without two steps of identical parameters (unless allowed).
+        The file checks raise CorruptSnapshot (a file) or StoreError."""
+        if self.regular:
+            intervals = {"basis.interval": self.cfg.basis.interval, "polca.interval": self.cfg.polca.interval}
+            check_intervals(store.steps.tolist(), intervals, str(store.directory))
+        store.before_first_read = lambda: check_store(store, self.snapshots.allow_duplicates)
+        return store
+
+    def again(self, err: CorruptSnapshot, task, cache, device, progress) -> tuple[SnapshotRun, str]:
+        """The snapshots made afresh, when a damaged file was found in them (`err`)."""
+        raise StoreError(f"{err}; a recorded store cannot be recomputed here: record it again") from None
 
     def model(self, task) -> nn.Module:
         """A fresh module of the snapshots' architecture in eval mode, for every stage
@@ -154,7 +190,20 @@ class TrainedHere(Source):
                 model_info=model_info(model),
             )
 
-        return cache.get_or_build("train", spec, build, SnapshotRun.load)
+        run, key = cache.get_or_build("train", spec, build, SnapshotRun.load, again=self._again)
+        self.watch(run.store)
+        return run, key
+
+    _again = False
+
+    def again(self, err, task, cache, device, progress):
+        """Ours to make again, as a corrupt cache entry is: train afresh (bit for bit the
+        same snapshots on CPU)."""
+        if self._again:  # trained afresh and still damaged: nothing more to do here
+            raise StoreError(str(err)) from None
+        log.warning("the cached training run is damaged (%s): training it again", err)
+        self._again = True
+        return self.prepare(task, cache, device, progress)
 
 
 def check_disk(where: Path, model: nn.Module, train_cfg) -> None:
@@ -198,14 +247,23 @@ class RecordedSource(Source):
 
     schema = RecordedSnapshots
 
-    def prepare(self, task, cache, device, progress):
-        path = Path(self.snapshots.path or "")
-        if not self.snapshots.path or not path.exists():
+    def _directory(self) -> Path:
+        path = Path(self.snapshots.path)
+        if not path.is_dir():
             raise ConfigError(
-                f"snapshots.path must name a recorded snapshot store, got {self.snapshots.path!r}"
+                f"snapshots.path={self.snapshots.path} is not a directory: name a recorded snapshot store"
             )
-        store = SnapshotStore(path / "snapshots" if (path / "snapshots" / "manifest.json").exists() else path)
-        return self._opened(store, f"recorded-{store_fingerprint(store)}", task, cache, device)
+        return path / "snapshots" if (path / "snapshots" / "manifest.json").exists() else path
+
+    def check_settings(self) -> None:
+        read_manifest(self._directory())
+
+    def prepare(self, task, cache, device, progress):
+        store = self.watch(SnapshotStore(self._directory()))
+        try:
+            return self._opened(store, f"recorded-{store_fingerprint(store)}", task, cache, device)
+        except CorruptSnapshot as err:  # read by the learning curves
+            return self.again(err, task, cache, device, progress)
 
 
 def revision_step(revision: str) -> int:
@@ -225,6 +283,7 @@ class HuggingFaceSource(Source):
     had reached."""
 
     schema = HuggingFaceSnapshots
+    regular = False
 
     def revisions(self) -> list[tuple[str, int]]:
         s = self.snapshots
@@ -277,8 +336,6 @@ class HuggingFaceSource(Source):
         return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:20]
 
     def prepare(self, task, cache, device, progress):
-        if not self.snapshots.path:
-            raise ConfigError("snapshots.path must name a Hugging Face model (hub id or local directory)")
         pairs = self.revisions()
         spec = {"path": self.snapshots.path, "revisions": [[r, s, self._identity(r)] for r, s in pairs]}
 
@@ -298,8 +355,21 @@ class HuggingFaceSource(Source):
         def open_(directory: Path) -> SnapshotStore:
             return SnapshotStore(directory / "snapshots")
 
-        store, key = cache.get_or_build("snapshots", spec, build, open_)
-        return self._opened(store, key, task, cache, device)
+        store, key = cache.get_or_build("snapshots", spec, build, open_, again=self._again)
+        try:
+            return self._opened(self.watch(store), key, task, cache, device)
+        except CorruptSnapshot as err:  # read by the learning curves
+            return self.again(err, task, cache, device, progress)
+
+    _again = False
+
+    def again(self, err, task, cache, device, progress):
+        """Ours to make again: import the revisions afresh."""
+        if self._again:  # imported afresh and still damaged: nothing more to do here
+            raise StoreError(str(err)) from None
+        log.warning("the imported revisions are damaged (%s): importing them again", err)
+        self._again = True
+        return self.prepare(task, cache, device, progress)
 
 
 SOURCES: dict[str, type[Source]] = {

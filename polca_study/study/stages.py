@@ -19,6 +19,7 @@ from polca_study.core.directions import Coordinates
 from polca_study.core.module_loss import ModuleLoss
 from polca_study.errors import ConfigError
 from polca_study.snapshots.run import SnapshotRun
+from polca_study.snapshots.store import CorruptSnapshot
 from polca_study.study.bases import KINDS
 from polca_study.study.cache import StageCache, stage_key
 from polca_study.study.config import Config
@@ -172,6 +173,8 @@ def _directions(members: list, missing: list[int]) -> tuple[list, list[int]]:
         try:
             sets.append(members[i][0]())
             kept.append(i)
+        except CorruptSnapshot:  # the snapshots every set is read from: the job's own fault
+            raise
         except Exception as err:  # noqa: BLE001  another basis's failure is its own job's
             if i == 0:
                 raise

@@ -45,8 +45,8 @@ AUSTEN_BOOKS = (
 CORPORA = ("austen", "files", "huggingface")
 
 
-class CorpusMissing(FileNotFoundError):
-    pass
+class CorpusMissing(ConfigError):
+    """The offline corpus is not where the settings say, and could not be fetched."""
 
 
 def default_data_dir() -> Path:
@@ -110,10 +110,12 @@ def austen(data_dir: Path) -> list[str]:
         try:
             fetch_austen(data_dir)
         except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise CorpusMissing(
-                f"the offline corpus is not in {folder} and could not be fetched ({err}); run "
-                f"`polca-study-data fetch --data-dir {data_dir}`, or set dataset.data_dir "
-                "(env POLCA_DATA_DIR) to where it is"
+                f"the offline corpus is not in {folder} and could not be fetched ({reason}): "
+                f"fetch it with `polca-study-data fetch --data-dir {data_dir}` (apt-get, "
+                f"Debian's package lists), or offline with `--deb FILE` added, FILE a downloaded "
+                f"{AUSTEN_PACKAGE} .deb; or set dataset.data_dir (env POLCA_DATA_DIR) to where it is"
             ) from err
     return [p.read_text(encoding="utf-8") for p in paths]
 
@@ -158,11 +160,11 @@ def fetch_austen(data_dir: Path, deb: Path | None = None) -> Path:
     folder = data_dir / "austen"
     if all((folder / f"{n}.txt").exists() for n in AUSTEN_BOOKS):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"fetching the offline corpus into {folder} (once)", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         deb = deb or download_deb(AUSTEN_PACKAGE, tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"writing the offline corpus into {folder} (once)", file=sys.stderr)
         subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "x")], check=True)
         root = tmp / "x/usr/lib/R/site-library/janeaustenr"
         books = read_r_lazyload(root / "data/Rdata")
@@ -188,7 +190,9 @@ def download_deb(package: str, dest: Path) -> Path:
             return debs[0]
         if attempt == 0 and os.geteuid() == 0:
             subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
-    raise RuntimeError(f"apt-get download {package} failed: {done.stderr.strip()[-500:]}")
+    # apt's own message is several lines; its last line says what went wrong
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"apt-get download {package} failed: {last}")
 
 
 # ------------------------------------------------------------------- other sources
