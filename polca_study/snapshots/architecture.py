@@ -69,7 +69,7 @@ def build_model(info: dict | None, factory: str | None = None) -> nn.Module:
 
         config = dict(info["config"])
         config = AutoConfig.for_model(config.pop("model_type"), **config)
-        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager", torch_dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
         return ModelOf(hf)
     raise ValueError(
         f"the snapshots' model ({info!r}) is neither polca-study's Transformer nor a "

@@ -151,6 +151,7 @@ class HuggingFaceSnapshots:
     revisions: list[str] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)  # each revision's step; empty: from its name
     tokenizer: str | None = None  # the yaml sets the model's own (its path)
+    tokenizer_revision: str | None = None  # the yaml sets the first listed revision
     allow_duplicates: bool = False
 
     def __post_init__(self):

@@ -229,9 +229,11 @@ def check_disk(where: Path, model: nn.Module, train_cfg) -> None:
 
 
 def store_fingerprint(store: SnapshotStore) -> str:
-    """The store's content, by the SHA-256 of every snapshot its manifest lists."""
-    manifest = json.loads((store.directory / "manifest.json").read_text())
-    blob = json.dumps([manifest["parameters"], manifest["snapshots"]], sort_keys=True)
+    """The store's content: its parameters, the SHA-256 of every snapshot its manifest
+    lists, and the model they belong to (class and config: an edited activation or norm
+    epsilon is another model, whose stages are computed anew)."""
+    manifest = read_manifest(store.directory)
+    blob = json.dumps([manifest["parameters"], manifest["snapshots"], manifest.get("model")], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -313,14 +315,39 @@ class HuggingFaceSource(Source):
         local = Path(self.snapshots.path) / revision
         return local if local.is_dir() else None
 
+    def _where(self, revision: str) -> tuple[str, dict]:
+        local = self._local(revision)
+        return (str(local), {}) if local else (self.snapshots.path, {"revision": revision})
+
+    def _refused(self, revision: str, err: OSError) -> ConfigError:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        which = f"revision {revision} of {self.snapshots.path}"
+        return ConfigError(f"snapshots.revisions: {which} could not be loaded: {first}")
+
+    def check_revisions(self, pairs: list[tuple[str, int]]) -> None:
+        """Every revision's config is there (in the cache offline) before any is imported:
+        a missing one is named now, not after the others were imported."""
+        from transformers import AutoConfig
+
+        for revision, _ in pairs:
+            where, kwargs = self._where(revision)
+            try:
+                AutoConfig.from_pretrained(where, **kwargs)
+            except OSError as err:  # not in the cache offline, not on the hub, or no such revision
+                raise self._refused(revision, err) from None
+
     def _load(self, revision: str) -> nn.Module:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
-        local = self._local(revision)
-        where, kwargs = (str(local), {}) if local else (self.snapshots.path, {"revision": revision})
-        model = AutoModelForCausalLM.from_pretrained(
-            where, torch_dtype=torch.float32, attn_implementation="eager", **kwargs
-        )
+        hf_logging.disable_progress_bar()  # a bar per revision on stderr, between our lines
+        where, kwargs = self._where(revision)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=torch.float32, attn_implementation="eager", **kwargs
+            )
+        except OSError as err:
+            raise self._refused(revision, err) from None
         return ModelOf(model)
 
     def _identity(self, revision: str) -> str:
@@ -342,6 +369,7 @@ class HuggingFaceSource(Source):
         def build(work: Path) -> None:
             store = work / "snapshots"
             done = set(SnapshotStore(store).steps.tolist()) if (store / "manifest.json").exists() else set()
+            self.check_revisions([(r, s) for r, s in pairs if s not in done])
             writer = None
             for revision, step in pairs:
                 if step in done:

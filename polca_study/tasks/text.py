@@ -31,6 +31,7 @@ class TextConfig:
     # a pretrained tokenizer (hub id or directory; needs `transformers`) in place of the
     # trained BPE: a model analysed at its revisions reads text the way it was trained to
     tokenizer: str | None = None
+    tokenizer_revision: str | None = None  # a hub tokenizer's revision (None: its default)
     n_ctx: int = 32  # tokens per context
     eval_tokens: int = 3000  # evaluation tokens (the paper: 12,600)
     eval_positions: int = 16  # evaluation tokens per held-out context

@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -101,12 +102,22 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
-def pretrained_tokenizer(name: str):
+def pretrained_tokenizer(name: str, revision: str | None = None):
     """The fast tokenizer of a pretrained model (its `tokenizers.Tokenizer`) and its
-    end-of-text token."""
+    end-of-text token, at `revision` (of a hub model; a local directory's checkpoint
+    subdirectory when it holds a tokenizer)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    local = Path(name) / revision if revision else None
+    if local is not None and any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        name, revision = str(local), None
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision)
+    except OSError as err:  # not in the cache offline, or no such revision
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"dataset.tokenizer={name} (revision {revision}) could not be loaded: {first}"
+        ) from None
     if not tok.is_fast:
         raise ConfigError(f"dataset.tokenizer={name!r} has no fast (Rust) tokenizer, which gives offsets")
     eot = tok.eos_token or tok.sep_token
@@ -178,7 +189,7 @@ class TextData:
         )
         self.corpus_id = corpus.fingerprint(docs)
         spec = {"corpus": self.corpus_id, "vocab_size": c.vocab_size, "val_fraction": c.val_fraction}
-        pretrained = pretrained_tokenizer(c.tokenizer) if c.tokenizer else None
+        pretrained = pretrained_tokenizer(c.tokenizer, c.tokenizer_revision) if c.tokenizer else None
         if pretrained:  # by content, not by name: a directory's tokenizer can change
             digest = hashlib.sha256(pretrained[0].to_str().encode()).hexdigest()[:20]
             spec = {**spec, "vocab_size": None, "pretrained": digest}
