@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from polca_study.errors import ConfigError
 from polca_study.reporting.compare import (
     aggregate_seeds,
     bootstrap_interval,
@@ -15,6 +16,7 @@ from polca_study.reporting.compare import (
     sign_flip_p,
     write_comparison,
 )
+from polca_study.reporting.jobs import find_jobs
 
 
 def test_bootstrap_interval_covers_the_known_mean_and_shrinks_with_seeds():
@@ -94,3 +96,54 @@ def test_tables_over_seeds_from_a_synthetic_sweep(tmp_path):
     assert (tmp_path / "paired.csv").exists()
     summary = (tmp_path / "summary.md").read_text()
     assert "0.520 [" in summary and "+0.280 [" in summary  # POLCA's mean; its paired gain
+
+
+def _sweep_job(root, number, method, seed, lr=0.001, version="0.1.0"):
+    """A job as a sweep writes it: overrides, the composed config, the summary."""
+    d = root / str(number)
+    (d / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create([f"method={method}", f"seed={seed}"]), d / ".hydra" / "overrides.yaml")
+    config = {"seed": seed, "method": {"name": method}, "train": {"lr": lr}, "cache_dir": str(root)}
+    OmegaConf.save(OmegaConf.create(config), d / ".hydra" / "config.yaml")
+    value = (0.5 if method == "polca" else 0.2) + 0.01 * seed * (1 + (method == "loss"))
+    metrics = {
+        "seed": seed,
+        "carry_recovery": value,
+        "clusters": 3,
+        "environment": {"versions": {"polca-study": version}},
+    }
+    (d / "summary.json").write_text(json.dumps(metrics))
+
+
+def test_sweeps_of_disjoint_seeds_join_into_the_tables_of_one_sweep(tmp_path):
+    """Seeds run on other days (or machines, or SLURM arrays) join one set of tables: the
+    same as one sweep over all of them; a job present twice counts once."""
+    one, early, late = tmp_path / "one", tmp_path / "early", tmp_path / "late"
+    jobs = [(method, seed) for seed in range(6) for method in ("polca", "loss")]
+    for number, (method, seed) in enumerate(jobs):
+        _sweep_job(one, number, method, seed)
+        _sweep_job(early if seed < 3 else late, number % 6, method, seed)
+    write_comparison(one)
+    write_comparison(tmp_path / "joined", sources=[early, late, early])  # early twice: counted once
+    for name in ("seeds.csv", "paired.csv", "summary.md"):
+        assert (tmp_path / "joined" / name).read_text() == (one / name).read_text(), name
+    assert len(seed_frame(find_jobs(early, late, early))) == 12
+
+
+@pytest.mark.parametrize(
+    ("change", "difference"),
+    [
+        ({"lr": 0.002}, "config.train.lr: 0.001 there, 0.002 here"),
+        ({"version": "0.2.0"}, "version: '0.1.0' there, '0.2.0' here"),
+    ],
+)
+def test_jobs_of_one_condition_run_differently_are_refused(tmp_path, change, difference):
+    for number, seed in enumerate(range(3)):
+        _sweep_job(tmp_path / "a", number, "polca", seed)
+    _sweep_job(tmp_path / "b", 0, "polca", 7, **change)
+    with pytest.raises(ConfigError) as refused:
+        write_comparison(tmp_path / "joined", sources=[tmp_path / "a", tmp_path / "b"])
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'a' / '0'} and {tmp_path / 'b' / '0'} are jobs of one condition")
+    assert message.endswith(f"run differently: {difference}; compare them apart")
+    assert not (tmp_path / "joined").exists()

@@ -11,7 +11,13 @@ import torch
 from polca_study.snapshots.record import SnapshotRecorder
 from polca_study.snapshots.store import SnapshotStore
 from polca_study.study.config import ConfigError, validate
-from polca_study.study.sources import HuggingFaceSource, RecordedSource, check_matches, revision_step
+from polca_study.study.sources import (
+    HuggingFaceSource,
+    RecordedSource,
+    check_matches,
+    revision_step,
+    store_fingerprint,
+)
 from tests.conftest import compose_config, require_corpus
 from tests.test_study import polca
 
@@ -67,6 +73,26 @@ def test_a_store_of_another_architecture_is_refused_with_its_first_difference(tm
     cfg = validate(compose_config(["snapshots=recorded", f"snapshots.path={tmp_path}"]))
     with pytest.raises(ValueError, match="snapshots.factory"):  # neither ours nor transformers
         RecordedSource(cfg).prepare(None, None, torch.device("cpu"), False)
+
+
+def test_a_recorded_stores_key_covers_its_model_class_and_config(tmp_path):
+    """Editing the model config in manifest.json (an activation, a norm epsilon) makes
+    another model: no stage computed with the old one is reused."""
+    model = transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(
+            vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+        )
+    )
+    with SnapshotRecorder(tmp_path, every=1) as recorder:
+        recorder.step(model, 0)
+    before = store_fingerprint(SnapshotStore(tmp_path))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["model"]["config"]["layer_norm_eps"] = 1e-3
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert store_fingerprint(SnapshotStore(tmp_path)) != before
+    manifest["model"]["config"]["hidden_act"] = "relu"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert len({before, store_fingerprint(SnapshotStore(tmp_path))}) == 2
 
 
 @pytest.mark.slow

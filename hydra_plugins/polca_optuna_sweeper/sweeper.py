@@ -365,11 +365,11 @@ class OptunaSweeper(Sweeper):
         log.info("trial %d: %s = %.4f", trial.number, dict(trial.params), value)
 
     def _finish(self, study: optuna.Study, name: str) -> None:
-        # report imports matplotlib (setting its Agg backend) and pandas; importing this module does not
-        from hydra_plugins.polca_optuna_sweeper.report import report_study
+        # summary imports matplotlib (setting its Agg backend) and pandas; importing this module does not
+        from hydra_plugins.polca_optuna_sweeper.summary import summarise_study
 
         out = Path(self.config.hydra.sweep.dir)
-        report_study(study, out if name == self.study_name else out / name, self.config, self.storage)
+        summarise_study(study, out if name == self.study_name else out / name, self.config, self.storage)
 
 
 def _output_dir(ret) -> str | None:

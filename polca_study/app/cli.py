@@ -87,7 +87,7 @@ def refused(err: ConfigError, info: dict, run_dir: str) -> float:
     A single run exits with 2. A trial of an Optuna study fails, for the study to record
     (and retry). A job of any other multirun records why in its directory (`failed.json`)
     and lets the others run: the comparison names it and the multirun exits with 1."""
-    from polca_study.reporting.compare import FAILED
+    from polca_study.reporting.jobs import FAILED
     from polca_study.reporting.tracking import STUDY_ENV
 
     if os.environ.get("HYDRA_FULL_ERROR") == "1":

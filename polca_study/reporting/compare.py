@@ -17,19 +17,20 @@ Writes into the sweep directory, and logs to W&B in the sweep's group:
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from scipy import stats
 
 from polca_study.atomic import write_atomic, write_text_atomic
-from polca_study.reporting import keys
+from polca_study.errors import ConfigError
+from polca_study.reporting.jobs import Job, as_jobs, failed_jobs, find_jobs, label, measured
 from polca_study.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -92,23 +93,15 @@ def headline_metrics() -> tuple[str, ...]:
     return _union(*(t.headline for t in _tasks()))
 
 
-def job_overrides(run_dir: Path) -> dict[str, str]:
-    """The job's command-line overrides, from Hydra's record."""
-    path = run_dir / ".hydra" / "overrides.yaml"
-    items = [str(o) for o in OmegaConf.load(path)] if path.exists() else []
-    return dict(o.split("=", 1) for o in items if "=" in o)
-
-
-def comparison_table(sweep_dir: Path) -> pd.DataFrame:
+def comparison_table(where: Path | Sequence[Job]) -> pd.DataFrame:
     """One row per job; jobs are named by the overrides that differ between them."""
-    summaries = sorted(Path(sweep_dir).rglob("summary.json"), key=lambda p: _job_number(p.parent))
-    overrides = [job_overrides(p.parent) for p in summaries]
-    keys = sorted({k for o in overrides for k in o})
-    varying = [k for k in keys if len({o.get(k) for o in overrides}) > 1] or keys
+    jobs = as_jobs(where)
+    keys = sorted({k for j in jobs for k in j.overrides})
+    varying = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1] or keys
     rows, headings = [], columns()
-    for summary, over in zip(summaries, overrides, strict=True):
-        metrics = json.loads(summary.read_text())
-        label = ", ".join(f"{k}={over[k]}" for k in varying if k in over) or summary.parent.name
+    for job in jobs:
+        over, metrics = job.overrides, job.metrics
+        label = ", ".join(f"{k}={over[k]}" for k in varying if k in over) or job.run_dir.name
         row = {"job": label, "method": metrics.get("method")}
         row.update({name: metrics.get(key) for key, name in headings.items()})
         rows.append(row)
@@ -120,38 +113,36 @@ def comparison_table(sweep_dir: Path) -> pd.DataFrame:
 METHOD_KEYS = ("method", "polca", "polca.second_order", "basis", "basis.kind")
 REFERENCE = {"method": "polca"}  # POLCA with the default (path) second order and basis
 # Overrides that change how a job runs, not what it measures: never part of a condition.
-RUN_KEYS = (*keys.RUN_KEYS, *keys.MACHINE_KEYS)
-FAILED = "failed.json"  # in a job's directory: why it did not run (app/cli.py writes it)
 
 
-def seed_frame(sweep_dir: Path) -> pd.DataFrame:
+def seed_frame(where: Path | Sequence[Job]) -> pd.DataFrame:
     """One row per job: its condition (the overrides that vary between jobs, other than
     the seed, as text), the condition's method and context parts, its seed and metrics."""
     rows, wanted = [], seed_metrics()
-    summaries = sorted(Path(sweep_dir).rglob("summary.json"))
-    overrides = [job_overrides(p.parent) for p in summaries]
-    keys = {k for o in overrides for k in o}
-    varying = {k for k in keys if len({o.get(k) for o in overrides}) > 1}
-    for summary, over in zip(summaries, overrides, strict=True):
-        metrics = json.loads(summary.read_text())
-        rest = {k: v for k, v in over.items() if k != "seed" and k in varying and k not in RUN_KEYS}
+    jobs = sorted(as_jobs(where), key=lambda j: str(j.run_dir))
+    keys = {k for j in jobs for k in j.overrides}
+    varying = {k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1}
+    for job in jobs:
+        over, metrics = job.overrides, job.metrics
+        rest = measured(over, varying)
         method = {k: v for k, v in rest.items() if k in METHOD_KEYS}
         context = {k: v for k, v in rest.items() if k not in METHOD_KEYS}
         rows.append(
             {
-                "condition": _label(rest),
-                "method": _label(method) or "method=polca",
-                "context": _label(context),
+                "condition": label(rest),
+                "method": label(method) or "method=polca",
+                "context": label(context),
                 "seed": metrics.get("seed", over.get("seed")),
                 **{m: metrics.get(m) for m in wanted},
             }
         )
     frame = pd.DataFrame(rows)
-    return frame.dropna(axis=1, how="all") if len(frame) else frame
-
-
-def _label(overrides: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+    if not len(frame):
+        return frame
+    # in seed order, wherever the jobs ran: a condition's mean and bootstrap interval
+    # (its resampled indices) then do not depend on which sweep a seed came from
+    frame = frame.sort_values("seed", kind="stable", ignore_index=True)
+    return frame.dropna(axis=1, how="all")
 
 
 def bootstrap_interval(
@@ -205,7 +196,7 @@ def aggregate_seeds(frame: pd.DataFrame) -> pd.DataFrame:
 
 def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.DataFrame:
     """POLCA minus each other method, within each context, paired by seed."""
-    ref_label = _label(reference)
+    ref_label = label(reference)
     rows = []
     metrics = [m for m in paired_metrics() if m in frame]
     for context, jobs in frame.groupby("context", sort=False):
@@ -248,7 +239,7 @@ def seeds_markdown(agg: pd.DataFrame, metrics: tuple[str, ...] | None = None) ->
     return wide.reset_index().to_markdown(index=False) + "\n"
 
 
-NO_PAIRS = f"No paired differences: pairing needs {_label(REFERENCE)} and another method on the same seeds."
+NO_PAIRS = f"No paired differences: pairing needs {label(REFERENCE)} and another method on the same seeds."
 
 
 def summary_markdown(frame: pd.DataFrame, agg: pd.DataFrame, paired: pd.DataFrame) -> str:
@@ -291,18 +282,8 @@ def summary_markdown(frame: pd.DataFrame, agg: pd.DataFrame, paired: pd.DataFram
     return "\n".join(out)
 
 
-def _job_number(run_dir: Path) -> tuple[int, str]:
-    return (int(run_dir.name), "") if run_dir.name.isdigit() else (1 << 30, run_dir.name)
-
-
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
     write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
-
-
-def failed_jobs(sweep_dir: Path) -> list[dict]:
-    """The jobs that could not run as set (`failed.json`: job, overrides, error)."""
-    paths = sorted(Path(sweep_dir).rglob(FAILED), key=lambda p: _job_number(p.parent))
-    return [json.loads(p.read_text()) for p in paths]
 
 
 def failed_markdown(failed: list[dict]) -> str:
@@ -312,12 +293,19 @@ def failed_markdown(failed: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(sweep_dir: Path, logger_cfg: DictConfig | None = None) -> pd.DataFrame:
-    table = comparison_table(sweep_dir)
+def write_comparison(
+    sweep_dir: Path, logger_cfg: DictConfig | None = None, sources: Sequence[Path] = ()
+) -> pd.DataFrame:
+    """The tables of the jobs under `sources` (default: `sweep_dir` itself), written
+    into `sweep_dir`: several sweeps' seeds join one set of tables."""
+    sources = list(sources) or [sweep_dir]
+    jobs = find_jobs(*sources)
+    table = comparison_table(jobs)
     if table.empty:
-        log.warning("no summaries under %s: nothing to compare", sweep_dir)
+        log.warning("no summaries under %s: nothing to compare", ", ".join(map(str, sources)))
         return table
-    failed = failed_jobs(sweep_dir)
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    failed = failed_jobs(*sources)
     _write_csv(sweep_dir / "comparison.csv", table)
     write_text_atomic(
         sweep_dir / "comparison.md",
@@ -325,7 +313,7 @@ def write_comparison(sweep_dir: Path, logger_cfg: DictConfig | None = None) -> p
     )
     log.info("comparison of %d jobs written to %s/comparison.md", len(table), sweep_dir)
     tables = {"comparison": table}
-    frame = seed_frame(sweep_dir)
+    frame = seed_frame(jobs)
     if len(frame) and frame["seed"].nunique() > 1:
         agg, paired = aggregate_seeds(frame), paired_differences(frame)
         _write_csv(sweep_dir / "seeds.csv", agg)
@@ -376,7 +364,18 @@ class ComparisonCallback(Callback):
             sys.exit(1)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python -m polca_study.reporting.compare OUT [SWEEP ...]`: the tables of the jobs
+    under OUT, or of the jobs of every SWEEP joined, written into OUT."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        raise SystemExit("usage: python -m polca_study.reporting.compare OUT_DIR [SWEEP_DIR ...]")
+    try:
+        table = write_comparison(Path(argv[0]), sources=[Path(a) for a in argv[1:]])
+    except ConfigError as err:
+        raise SystemExit(f"polca-study: error: {err}") from None
+    print(table.to_markdown(index=False, floatfmt=".3f"))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m polca_study.reporting.compare <sweep directory>")
-    print(write_comparison(Path(sys.argv[1])).to_markdown(index=False, floatfmt=".3f"))
+    main()

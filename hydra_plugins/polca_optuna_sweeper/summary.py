@@ -19,7 +19,7 @@ from optuna.trial import TrialState  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-def report_study(study: optuna.Study, out_dir: Path, config: DictConfig, storage: str) -> dict:
+def summarise_study(study: optuna.Study, out_dir: Path, config: DictConfig, storage: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
