@@ -147,3 +147,17 @@ def test_jobs_of_one_condition_run_differently_are_refused(tmp_path, change, dif
     assert message.startswith(f"{tmp_path / 'a' / '0'} and {tmp_path / 'b' / '0'} are jobs of one condition")
     assert message.endswith(f"run differently: {difference}; compare them apart")
     assert not (tmp_path / "joined").exists()
+
+
+def test_the_summary_puts_the_papers_table_8_beside_our_means(tmp_path):
+    for number, (method, seed) in enumerate((m, s) for s in range(3) for m in ("polca", "loss")):
+        _sweep_job(tmp_path, number, method, seed)
+        summary = tmp_path / str(number) / "summary.json"
+        metrics = json.loads(summary.read_text())
+        metrics.update(carry_top1_carry_homogeneity=0.6 + 0.1 * seed, hidden_breakthrough_fraction=0.25)
+        summary.write_text(json.dumps(metrics))
+    write_comparison(tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "Ours (mean over seeds) / the paper's Table 8 (one seed)" in text
+    polca = next(line for line in text.splitlines() if line.startswith("| method=polca ") and " / " in line)
+    assert "0.700 / 0.973" in polca and "0.250 / 0.355" in polca and "- / 0.946" in polca

@@ -279,7 +279,34 @@ def summary_markdown(frame: pd.DataFrame, agg: pd.DataFrame, paired: pd.DataFram
                 wide.to_markdown(index=False),
                 "",
             ]
+        out += published_markdown(frame[frame["context"] == context], agg)
     return "\n".join(out)
+
+
+def published_markdown(frame: pd.DataFrame, agg: pd.DataFrame) -> list[str]:
+    """Our means over seeds beside a task's published values, method by method: the
+    gap at a glance (the published values are one seed each, without intervals)."""
+    out = []
+    for source, values in (t.published for t in _tasks() if t.published):
+        # in the order of the fullest row (the paper's own column order)
+        fullest = max(values.values(), key=len)
+        metrics = list(dict.fromkeys([*fullest, *(m for row in values.values() for m in row)]))
+        rows = []
+        for condition, method in frame[["condition", "method"]].drop_duplicates().itertuples(index=False):
+            name = method.removeprefix("method=")
+            if name not in values:  # the method as published ("method=polca, polca=exact" is not)
+                continue
+            ours = agg[agg["condition"] == condition].set_index("metric")["mean"]
+            row = {"method": method}
+            for m in metrics:
+                mine = f"{ours[m]:.3f}" if m in ours else "-"
+                theirs = f"{values[name][m]:.3f}" if m in values[name] else "-"
+                row[m] = f"{mine} / {theirs}"
+            rows.append(row)
+        if rows:
+            heading = f"Ours (mean over seeds) / {source} (one seed), beside each other:"
+            out += [heading, "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    return out
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:

@@ -58,6 +58,8 @@ class TaskMetrics:
     # the config keys that tell the task's data regimes apart: a comparison's conditions
     # are the method and these (the W&B views group runs by them)
     regime: tuple[str, ...] = ()
+    # published values to read ours beside: (source, {method: {metric: value}})
+    published: tuple[str, Mapping[str, Mapping[str, float]]] | None = None
 
 
 @dataclass(frozen=True)
