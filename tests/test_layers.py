@@ -60,10 +60,11 @@ def test_no_function_is_long_without_a_reason():
     assert not long, long
 
 
-def test_the_config_imports_no_heavy_library():
-    """`import polca_study.study.config` (every command-line check pays it) stays light."""
+@pytest.mark.parametrize("module", ["polca_study.study.config", "polca_study.app.cli"])
+def test_the_config_imports_no_heavy_library(module):
+    """The config and the command line (every command-line check pays them) stay light."""
     code = (
-        "import json, sys; import polca_study.study.config; "
+        f"import json, sys; import {module}; "
         f"print(json.dumps(sorted(m for m in {list(HEAVY)!r} if m in sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
