@@ -99,10 +99,11 @@ def test_tables_over_seeds_from_a_synthetic_sweep(tmp_path):
 
 
 def _sweep_job(root, number, method, seed, lr=0.001, version="0.1.0"):
-    """A job as a sweep writes it: overrides, the composed config, the summary."""
+    """A job as a named study's sweep writes it: overrides, the composed config, the summary."""
     d = root / str(number)
     (d / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create([f"method={method}", f"seed={seed}"]), d / ".hydra" / "overrides.yaml")
+    overrides = [f"+sweep={root.name}", f"method={method}", f"seed={seed}"]
+    OmegaConf.save(OmegaConf.create(overrides), d / ".hydra" / "overrides.yaml")
     config = {"seed": seed, "method": {"name": method}, "train": {"lr": lr}, "cache_dir": str(root)}
     OmegaConf.save(OmegaConf.create(config), d / ".hydra" / "config.yaml")
     value = (0.5 if method == "polca" else 0.2) + 0.01 * seed * (1 + (method == "loss"))
@@ -116,8 +117,8 @@ def _sweep_job(root, number, method, seed, lr=0.001, version="0.1.0"):
 
 
 def test_sweeps_of_disjoint_seeds_join_into_the_tables_of_one_sweep(tmp_path):
-    """Seeds run on other days (or machines, or SLURM arrays) join one set of tables: the
-    same as one sweep over all of them; a job present twice counts once."""
+    """Seeds run on other days (or machines, SLURM arrays, named studies) join one set of
+    tables: the same as one sweep over all of them; a job present twice counts once."""
     one, early, late = tmp_path / "one", tmp_path / "early", tmp_path / "late"
     jobs = [(method, seed) for seed in range(6) for method in ("polca", "loss")]
     for number, (method, seed) in enumerate(jobs):

@@ -31,7 +31,8 @@ def job_overrides(run_dir: Path) -> dict[str, str]:
     """The job's command-line overrides, from Hydra's record."""
     path = run_dir / ".hydra" / "overrides.yaml"
     items = [str(o) for o in OmegaConf.load(path)] if path.exists() else []
-    return dict(o.split("=", 1) for o in items if "=" in o)
+    # `+sweep=x` adds a key Hydra's grammar marks; the key is `sweep`
+    return {k.lstrip("+~"): v for k, v in (o.split("=", 1) for o in items if "=" in o)}
 
 
 def find_jobs(*dirs: Path) -> list[Job]:
