@@ -14,7 +14,7 @@ from polca_study.errors import ConfigError
 from polca_study.reporting import keys
 
 # Overrides that change how a job runs, not what it measures: never part of a condition.
-RUN_KEYS = (*keys.RUN_KEYS, *keys.MACHINE_KEYS)
+RUN_KEYS = (*keys.RUN_KEYS, *keys.MACHINE_KEYS, *keys.STUDY_KEYS)
 FAILED = "failed.json"  # in a job's directory: why it did not run (app/cli.py writes it)
 
 

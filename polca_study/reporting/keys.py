@@ -5,10 +5,13 @@ Optuna study (the sweeper's `fingerprint_exclude`) out of what it was built from
 Light on purpose: the sweeper plugin imports it when Hydra discovers plugins.
 """
 
-# Where a job's results go and how they are shown, and the named study it ran in
-# (`+sweep=`): never the results. Seeds of one condition from several studies join.
-RUN_KEYS = ("cache_dir", "logger", "progress", "figures", "save_trajectories", "force", "sweep")
+# Where a job's results go and how they are shown: never the results.
+RUN_KEYS = ("cache_dir", "logger", "progress", "figures", "save_trajectories", "force")
 # How a job computes: its numbers change in the last bits at most. Jobs that differ in
 # them are one condition of a comparison; a study's fingerprint keeps them, so one
 # study's trials are computed alike.
 MACHINE_KEYS = ("num_threads", "device")
+# The named study a job ran in (`+sweep=`): seeds of one condition from several studies
+# join one comparison. Not for a study's fingerprint: the sweeper composes its trials'
+# config with it (it selects the sweeper).
+STUDY_KEYS = ("sweep",)
