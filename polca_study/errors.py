@@ -32,3 +32,8 @@ def choice(path: str, value: object, allowed) -> None:
 def at_least(path: str, value: float | None, low: float) -> None:
     if value is None or value < low:
         raise ConfigError(f"{path} must be >= {low}, got {value!r}")
+
+
+def first_line(err: BaseException) -> str:
+    """An error's message, first line only (a library's message can run to pages)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from polca_study.errors import ConfigError, choice
+from polca_study.errors import ConfigError, choice, first_line
 from polca_study.snapshots.architecture import ModelOf, build_model, model_info
 from polca_study.snapshots.checks import check_intervals, check_store
 from polca_study.snapshots.run import SnapshotRun
@@ -320,7 +320,7 @@ class HuggingFaceSource(Source):
         return (str(local), {}) if local else (self.snapshots.path, {"revision": revision})
 
     def _refused(self, revision: str, err: OSError) -> ConfigError:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         which = f"revision {revision} of {self.snapshots.path}"
         return ConfigError(f"snapshots.revisions: {which} could not be loaded: {first}")
 

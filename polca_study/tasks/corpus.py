@@ -31,7 +31,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from polca_study.atomic import write_atomic
-from polca_study.errors import ConfigError
+from polca_study.errors import ConfigError, first_line
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_BOOKS = (
@@ -110,7 +110,7 @@ def austen(data_dir: Path) -> list[str]:
         try:
             fetch_austen(data_dir)
         except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = first_line(err)
             raise CorpusMissing(
                 f"the offline corpus is not in {folder} and could not be fetched ({reason}): "
                 f"fetch it with `polca-study-data fetch --data-dir {data_dir}` (apt-get, "

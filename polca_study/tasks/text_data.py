@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from polca_study.errors import ConfigError
+from polca_study.errors import ConfigError, first_line
 from polca_study.tasks import corpus, tagging
 
 if TYPE_CHECKING:  # the schema lives with the task; this module is its data
@@ -114,7 +114,7 @@ def pretrained_tokenizer(name: str, revision: str | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision)
     except OSError as err:  # not in the cache offline, or no such revision
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise ConfigError(
             f"dataset.tokenizer={name} (revision {revision}) could not be loaded: {first}"
         ) from None
