@@ -41,7 +41,7 @@ def job_info() -> dict:
 # Paths a user gives relative to where they ran the command (not the job's directory,
 # nor a launcher worker's): always resolved, or resolved when they exist there (a hub id
 # such as EleutherAI/pythia-70m is not a path).
-PATHS = ("cache_dir", "dataset.data_dir")
+PATHS = ("cache_dir", "dataset.data_dir", "dataset.labels")
 PATHS_IF_THERE = ("snapshots.path", "snapshots.tokenizer")
 
 
@@ -70,7 +70,14 @@ def study(cfg: DictConfig) -> float:
         metrics = run(cfg, run_dir, info)
     except ConfigError as err:  # a setting, a store or a corpus this job cannot use
         return refused(err, info, run_dir)
-    objective = metrics["objective"]  # the task's: carry_recovery_excess or label_purity_excess
+    objective = metrics["objective"]  # score.objective, or the task's
+    if objective not in metrics:  # the run's results are written; only its objective is not
+        excess = sorted(k for k in metrics if k.endswith("_excess"))
+        return refused(
+            ConfigError(f"score.objective={objective} is not a metric of this run; its own: {excess}"),
+            info,
+            run_dir,
+        )
     value = metrics.get(objective)
     if metrics.get("clusters", 0) == 0:  # a search scores it (as no recovery), a user is told
         log.warning(

@@ -55,6 +55,42 @@ COMMON_SEED_METRICS = (
 COMMON_PAIRED_METRICS = ("hidden_breakthrough_fraction",)
 
 
+# A label file's skills (analysis/skills.py), named by the jobs' labels:
+# label_<name>_<score> -> its heading's end
+SKILL_COLUMNS = {
+    "recovery": "recovery",
+    "recovery_null_mean": "null mean",
+    "recovery_excess": "excess",
+    "recovery_p": "p",
+    "homogeneity": "top homogeneity",
+    "recall": "top recall",
+    "breakthrough_step": "BT step",
+    "hidden": "hidden",
+}
+SKILL_SEEDS = ("recovery", "recovery_excess", "homogeneity", "recall", "breakthrough_step", "hidden")
+SKILL_SUMMARY = ("recovery", "recovery_excess", "hidden")
+SKILL_PAIRED = ("recovery_excess",)
+
+
+def skill_metrics(names, scores) -> dict[str, str]:
+    """Each label's flat metric names (summary.json's `label_<name>_<score>`) and headings."""
+    return {f"label_{n}_{k}": f"{n} {SKILL_COLUMNS[k]}" for n in names for k in scores}
+
+
+def skill_names(jobs: Sequence[Job]) -> list[str]:
+    return sorted({name for job in jobs for name in job.metrics.get("labels") or {}})
+
+
+def _skills_in(columns) -> list[str]:
+    """The labels whose scores a table holds."""
+    suffix = "_recovery_excess"
+    return sorted(
+        c.removeprefix("label_").removesuffix(suffix)
+        for c in columns
+        if c.startswith("label_") and c.endswith(suffix)
+    )
+
+
 def _tasks():
     return [kind.metrics for kind in TASKS.values()]  # read at call time: tasks may be added
 
@@ -98,7 +134,7 @@ def comparison_table(where: Path | Sequence[Job]) -> pd.DataFrame:
     jobs = as_jobs(where)
     keys = sorted({k for j in jobs for k in j.overrides})
     varying = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1] or keys
-    rows, headings = [], columns()
+    rows, headings = [], columns() | skill_metrics(skill_names(jobs), SKILL_COLUMNS)
     for job in jobs:
         over, metrics = job.overrides, job.metrics
         label = ", ".join(f"{k}={over[k]}" for k in varying if k in over) or job.run_dir.name
@@ -118,8 +154,8 @@ REFERENCE = {"method": "polca"}  # POLCA with the default (path) second order an
 def seed_frame(where: Path | Sequence[Job]) -> pd.DataFrame:
     """One row per job: its condition (the overrides that vary between jobs, other than
     the seed, as text), the condition's method and context parts, its seed and metrics."""
-    rows, wanted = [], seed_metrics()
     jobs = sorted(as_jobs(where), key=lambda j: str(j.run_dir))
+    rows, wanted = [], (*seed_metrics(), *skill_metrics(skill_names(jobs), SKILL_SEEDS))
     keys = {k for j in jobs for k in j.overrides}
     varying = {k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1}
     for job in jobs:
@@ -173,7 +209,7 @@ def sign_flip_p(differences: np.ndarray) -> float:
 def aggregate_seeds(frame: pd.DataFrame) -> pd.DataFrame:
     """Per condition and metric: n seeds, mean, standard deviation, 95% bootstrap interval."""
     rows = []
-    metrics = [m for m in seed_metrics() if m in frame]
+    metrics = [m for m in (*seed_metrics(), *skill_metrics(_skills_in(frame), SKILL_SEEDS)) if m in frame]
     for condition, jobs in frame.groupby("condition", sort=False):
         for m in metrics:
             v = jobs[m].dropna().to_numpy(dtype=float)
@@ -198,7 +234,7 @@ def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.D
     """POLCA minus each other method, within each context, paired by seed."""
     ref_label = label(reference)
     rows = []
-    metrics = [m for m in paired_metrics() if m in frame]
+    metrics = [m for m in (*paired_metrics(), *skill_metrics(_skills_in(frame), SKILL_PAIRED)) if m in frame]
     for context, jobs in frame.groupby("context", sort=False):
         ref = jobs[jobs["method"] == ref_label].set_index("seed")
         if ref.empty:
@@ -230,7 +266,7 @@ def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.D
 
 def seeds_markdown(agg: pd.DataFrame, metrics: tuple[str, ...] | None = None) -> str:
     """Conditions as rows, metrics as columns: mean ± sd [95% interval] (n)."""
-    metrics = metrics or seed_metrics()
+    metrics = metrics or (*seed_metrics(), *skill_metrics(_skills_in(agg["metric"]), SKILL_SEEDS))
     cell = agg.apply(
         lambda r: f"{r['mean']:.3f} ± {r['std']:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n})", axis=1
     )
@@ -245,7 +281,9 @@ NO_PAIRS = f"No paired differences: pairing needs {label(REFERENCE)} and another
 def summary_markdown(frame: pd.DataFrame, agg: pd.DataFrame, paired: pd.DataFrame) -> str:
     """A short read of the two tables: per context, each method's mean [95% interval] of
     the main metrics, then POLCA minus each baseline on the objective and its excess."""
-    out, summary = [], summary_metrics()
+    skills = _skills_in(frame)
+    out, summary = [], summary_metrics() | skill_metrics(skills, SKILL_SUMMARY)
+    headline = (*headline_metrics(), *skill_metrics(skills, SKILL_PAIRED))
     for context in sorted(frame["context"].unique()):
         rows = []
         for condition in frame.loc[frame["context"] == context, "condition"].unique():
@@ -263,7 +301,7 @@ def summary_markdown(frame: pd.DataFrame, agg: pd.DataFrame, paired: pd.DataFram
         if paired.empty:
             out += [NO_PAIRS, ""]
             continue
-        p = paired[(paired["context"] == context) & paired["metric"].isin(headline_metrics())]
+        p = paired[(paired["context"] == context) & paired["metric"].isin(headline)]
         if len(p):
             p = p.assign(
                 diff=[

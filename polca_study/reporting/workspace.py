@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,9 @@ def comparison_views(
     `task` (default: the one the sweep's jobs ran) sets the objective and the regimes."""
     entity = entity or os.environ.get("WANDB_ENTITY") or OFFLINE_ENTITY
     metrics = TASKS[task or sweep_task(sweep_dir)].metrics
+    skills = sweep_labels(sweep_dir)  # a label file's skills: each one's excess over its null
+    if skills:
+        metrics = replace(metrics, views=(*metrics.views, *(f"label_{n}_recovery_excess" for n in skills)))
     report = build_report(entity, project, group, sweep_dir, metrics, study_groups)
     return build_workspace(entity, project, group, metrics), report
 
@@ -270,6 +274,14 @@ def sweep_task(sweep_dir: Path) -> str:
         if name in TASKS:
             return name
     return DEFAULT_TASK
+
+
+def sweep_labels(sweep_dir: Path) -> list[str]:
+    """The labels of a label file (`dataset.labels`) the sweep's jobs were scored on."""
+    names: set[str] = set()
+    for summary in Path(sweep_dir).glob("*/summary.json"):
+        names.update(json.loads(summary.read_text()).get("labels") or {})
+    return sorted(names)
 
 
 def panel_list(workspace: ws.Workspace) -> list[str]:

@@ -95,6 +95,9 @@ class ScoreConfig:
     breakthrough_delta: int = 50  # Δ in steps for the maximum-acceleration time
     # a cluster's breakthrough is hidden when later than the aggregate loss's by this margin
     hidden_margin: int = 100
+    # the metric a search maximises; null: the task's (carry_recovery_excess,
+    # label_purity_excess), or one label's, e.g. label_copy_recovery_excess
+    objective: str | None = None
     arithmetic: ArithmeticScore = field(default_factory=ArithmeticScore)
     text: TextScore = field(default_factory=TextScore)
 

@@ -29,6 +29,7 @@ from polca_study.analysis.score import (
     cluster_breakthroughs,
     delta_points,
 )
+from polca_study.analysis.skills import skill_scores
 from polca_study.atomic import write_atomic
 from polca_study.core.basis import Basis
 from polca_study.core.decompose import Decomposition
@@ -127,10 +128,34 @@ def analyse(cfg: Config, task: Task, method: str, traj: Decomposition, lca: Deco
         "aggregate_breakthrough_step": aggregate_step,
         "hidden_breakthrough_fraction": float(table["hidden"].mean()) if len(table) else 0.0,
     }
-    metrics["objective"] = task.objective
+    if "label" in labels:  # a label file's skills, each against its null
+        metrics.update(_skill_metrics(cfg, assign, labels["label"].to_numpy(object), traj, keep))
+    metrics["objective"] = s.objective or task.objective
     full = np.zeros((len(labels), curves.curves.shape[2]), dtype=int) - 2
     full[:, keep] = assign
     return metrics, tables, full, curves
+
+
+def _skill_metrics(cfg: Config, assign: np.ndarray, labels: np.ndarray, traj: Decomposition, keep) -> dict:
+    """Each label's scores, nested under `labels` and flat (`label_<name>_<score>`)."""
+    s = cfg.score
+    skills = skill_scores(
+        assign,
+        labels,
+        traj.losses,
+        traj.steps,
+        s.breakthrough_delta,
+        s.hidden_margin,
+        s.permutations,
+        cfg.seed,
+    )
+    out: dict = {"labels": {}}
+    for name, score in skills.items():
+        # the top cluster's column among the method's, as in the cluster tables
+        score = replace(score, top_vector=int(keep[score.top_vector]) if score.top_vector >= 0 else -1)
+        out["labels"][name] = asdict(score)
+        out.update(score.flat(name))
+    return out
 
 
 def _remap_columns(metrics: dict, keep: np.ndarray, width: int) -> None:

@@ -16,7 +16,6 @@ Three sources:
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import os
@@ -227,22 +226,3 @@ def huggingface(
         if max_chars is not None and total >= max_chars:
             break
     return docs
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`polca-study-data fetch [--data-dir DIR] [--deb FILE]`."""
-    parser = argparse.ArgumentParser(prog="polca-study-data", description="The text study's offline data.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    fetch = commands.add_parser("fetch", help="fetch the offline corpus (Jane Austen's novels)")
-    fetch.add_argument(
-        "--data-dir", type=Path, default=None, help="default: $POLCA_DATA_DIR or the user data dir"
-    )
-    fetch.add_argument("--deb", type=Path, help=f"a downloaded {AUSTEN_PACKAGE} .deb")
-    args = parser.parse_args(argv)
-    folder = fetch_austen(args.data_dir or default_data_dir(), args.deb)
-    sizes = sum((folder / f"{n}.txt").stat().st_size for n in AUSTEN_BOOKS)
-    print(f"{folder}: {len(AUSTEN_BOOKS)} novels, {sizes / 1e6:.1f} MB", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

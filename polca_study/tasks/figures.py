@@ -168,6 +168,29 @@ def contexts_table(table: pd.DataFrame, contexts: pd.DataFrame) -> pd.DataFrame:
     return out[["vector", "cluster", "label", "simply_labelled", "rank", "token", "shown"]]
 
 
+def skills_markdown(skills: dict[str, dict]) -> list[str]:
+    """The label file's skills: each one's best cluster against its permutation null,
+    and its breakthrough against the aggregate loss's."""
+    if not skills:
+        return []
+    rows = [
+        {
+            "label": name,
+            "tokens": s["tokens"],
+            "recovery (F1)": f"{s['recovery']:.3f}",
+            "null mean [95%]": f"{s['recovery_null_mean']:.3f} [{s['recovery_null95']:.3f}]",
+            "p": f"{s['recovery_p']:.3f}",
+            "top cluster": f"vector {s['top_vector']}, cluster {s['top_cluster']} ({s['top_size']} tokens)",
+            "homogeneity": f"{s['homogeneity']:.3f}",
+            "recall": f"{s['recall']:.3f}",
+            "BT step (aggregate)": f"{s['breakthrough_step']} ({s['aggregate_breakthrough_step']})",
+            "hidden": "yes" if s["hidden"] else "no",
+        }
+        for name, s in skills.items()
+    ]
+    return ["## Labelled skills (dataset.labels)", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+
+
 def text_clusters_markdown(metrics: dict, table: pd.DataFrame, contexts: pd.DataFrame) -> str:
     """clusters.md: every cluster's automatic label, top tokens, breakthrough and the
     contexts nearest its medoid (target token in ⟦brackets⟧), simply-labelled first."""
@@ -197,6 +220,7 @@ def text_clusters_markdown(metrics: dict, table: pd.DataFrame, contexts: pd.Data
         "- labels read w-3 | w-2 | w-1 | w0 (w0: the word of the target token); a/b means "
         "either tag, together covering the label share of the cluster's tokens",
         "",
+        *skills_markdown(metrics.get("labels") or {}),
     ]
     order = table.sort_values(["simply_labelled", "label_purity"], ascending=False)
     for r in order.to_dict("records"):  # records: columns like purity_w-3 are not identifiers

@@ -37,6 +37,9 @@ class TextConfig:
     eval_positions: int = 16  # evaluation tokens per held-out context
     hessian_size: int = 64  # training contexts in the Hessian sample
     tagger: str = "auto"  # auto (spaCy when en_core_web_sm is installed) | spacy | rules
+    # a label file (tasks/label_file.py): its passages are the evaluation text, every one of
+    # their tokens an evaluation token (eval_tokens does not apply), scored per label
+    labels: str | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -62,6 +65,10 @@ class TextConfig:
             )
         if self.max_chars is not None:
             at_least("dataset.max_chars", self.max_chars, 1)
+        if self.labels is not None:  # checked whole with the settings, before any work
+            from polca_study.tasks.label_file import read_labels
+
+            read_labels(self.labels)
 
     @property
     def label(self) -> str:
@@ -116,6 +123,12 @@ def build(dataset: TextConfig, cache=None) -> Task:
             f"{m['label_purity']:.3f} (null mean {m.get('label_purity_null_mean', float('nan')):.3f}), "
             f"{m['simply_labelled_clusters']} of {m['clusters']} clusters simply labelled, coverage "
             f"{m['coverage']:.2f}; labels and contexts in {run_dir / 'clusters.md'}"
+            + "".join(
+                f"; {name}: recovery {s['recovery']:.3f} (null mean {s['recovery_null_mean']:.3f}, "
+                f"p {s['recovery_p']:.3f}), breakthrough at {s['breakthrough_step']}"
+                f"{' (hidden)' if s['hidden'] else ''}"
+                for name, s in (m.get("labels") or {}).items()
+            )
         ),
         write_outputs=write_outputs,
     )

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from polca_study.errors import ConfigError, first_line
-from polca_study.tasks import corpus, tagging
+from polca_study.tasks import corpus, label_file, tagging
 
 if TYPE_CHECKING:  # the schema lives with the task; this module is its data
     from polca_study.tasks.text import TextConfig
@@ -66,14 +66,17 @@ def token_loss(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
 
 
 def evaluate(model: torch.nn.Module, split: TextSplit) -> dict[str, list]:
-    """Loss and accuracy of the evaluation tokens by the tag of their word."""
+    """Loss and accuracy of the evaluation tokens by their label from a label file
+    (background: "none"), or else by the tag of their word."""
     device = next(model.parameters()).device
     logits = model(split.inputs.to(device)).cpu()
     batch = split.batch()
     losses = token_loss(logits, batch).reshape(-1).numpy()
     idx = batch["positions"][..., None].expand(-1, -1, logits.shape[-1])
     correct = (logits.gather(1, idx).argmax(-1) == split.targets).reshape(-1).numpy()
-    frame = split.labels[["tag_w0"]].rename(columns={"tag_w0": "tag"}).assign(loss=losses, correct=correct)
+    group = split.labels["label"].replace(label_file.BACKGROUND, "none") if "label" in split.labels else None
+    frame = pd.DataFrame({"tag": split.labels["tag_w0"] if group is None else group})
+    frame = frame.assign(loss=losses, correct=correct)
     out = (
         frame.groupby("tag")
         .agg(loss=("loss", "mean"), accuracy=("correct", "mean"), tokens=("loss", "size"))
@@ -180,6 +183,8 @@ class TextData:
 
     def __init__(self, c: TextConfig, cache=None):
         self.config = c
+        # a label file is read and checked whole before anything is computed
+        self.passages = label_file.read_labels(c.labels) if c.labels else None
         docs = corpus.load_documents(
             c.source,
             c.data_dir,
@@ -200,13 +205,18 @@ class TextData:
         self.tokenizer = load_tokenizer(self.tokens["tokenizer"])
         self.d_vocab = int(self.tokens["vocab_size"])
         self.n_ctx = c.n_ctx
-        self._eval = self._select_eval()
         self.tagger = tagger = tagging.resolve_tagger(c.tagger)
+        if self.passages is not None:  # the evaluation text is the label file's
+            stream = label_stream(self.tokens, self.tokenizer, self.passages)
+            self._eval = label_windows(len(stream["ids"]), c.n_ctx, c.eval_positions)
+            self.held_out = _padded(stream, self._eval["front"], self._eval["back"])
+            tag_key = {"labels": label_file.digest(self.passages), "tagger": tagger}
+        else:
+            self.held_out = {k: self.tokens[f"val_{k}"] for k in ("ids", "offsets", "text")}
+            self._eval = self._select_eval()
+            tag_key = {"tokenizer": self.tokenizer_key, "tagger": tagger}
         words, _ = _cached(
-            cache,
-            "tags",
-            {"tokenizer": self.tokenizer_key, "tagger": tagger},
-            lambda: vars(tagging.tag_words(self.tokens["val_text"], tagger)),
+            cache, "tags", tag_key, lambda: vars(tagging.tag_words(self.held_out["text"], tagger))
         )
         self.words = tagging.Words(**words)
 
@@ -229,6 +239,8 @@ class TextData:
         out = {**{k: c[k] for k in keep}, "corpus": self.corpus_id, "tagger": self.tagger}
         if self.pretrained:  # (absent otherwise, so the trained-BPE keys stay as they were)
             out["tokenizer"] = self.pretrained
+        if self.passages is not None:  # the evaluation tokens (the training curves are theirs)
+            out["labels"] = label_file.digest(self.passages)
         return out
 
     def _select_eval(self) -> dict:
@@ -256,7 +268,7 @@ class TextData:
         return {"starts": starts, "positions": positions}
 
     def eval_split(self) -> TextSplit:
-        ids, offsets, text = self.tokens["val_ids"], self.tokens["val_offsets"], self.tokens["val_text"]
+        ids, offsets, text = self.held_out["ids"], self.held_out["offsets"], self.held_out["text"]
         starts, positions = self._eval["starts"], self._eval["positions"]
         windows = ids[starts[:, None] + np.arange(self.n_ctx + 1)]
         target_index = starts[:, None] + positions + 1  # (S, P) into val_ids
@@ -279,6 +291,9 @@ class TextData:
                 ],
             }
         )
+        if "labels" in self.held_out:  # the label file's label of each target, and its passage
+            labels["label"] = self.held_out["labels"][flat]
+            labels["passage"] = self.held_out["passage"][flat]
         return TextSplit(
             inputs=torch.as_tensor(windows[:, :-1], dtype=torch.long),
             targets=torch.as_tensor(ids[target_index], dtype=torch.long),
@@ -306,6 +321,69 @@ class TextData:
         while True:
             s = self._random_windows(batch_size, rng)
             yield s.inputs, s.targets
+
+
+# -------------------------------------------------------------------- label files
+
+
+def label_stream(tokens: dict, tokenizer, passages: list) -> dict:
+    """The label file's passages as one held-out stream, each passage after an
+    end-of-text token as documents are in training: ids (N,), character offsets (N, 2)
+    into `text` (the passages joined by blank lines), the label of each token (N,) and
+    its passage (N,; -1 for the separators)."""
+    from tokenizers import Tokenizer
+
+    tok: Tokenizer = tokenizer
+    eot = int(tokens["train_ids"][-1])  # every training document ends with it
+    encodings = tok.encode_batch([p.text for p in passages], add_special_tokens=False)
+    ids, offsets, labels, passage, text, at = [], [], [], [], [], 0
+    for i, (p, enc) in enumerate(zip(passages, encodings, strict=True)):
+        local = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        ids += [eot, *enc.ids]
+        offsets += [[at, at], *(local + at).tolist()]
+        labels += [label_file.BACKGROUND, *label_file.align(local, p.spans)]
+        passage += [-1] + [i] * len(enc.ids)
+        text.append(p.text)
+        at += len(p.text) + 2
+    return {
+        "ids": np.asarray(ids, dtype=np.int32),
+        "offsets": np.asarray(offsets, dtype=np.int64),
+        "text": "\n\n".join(text),
+        "labels": np.asarray(labels, dtype=object),
+        "passage": np.asarray(passage, dtype=np.int64),
+    }
+
+
+def label_windows(n: int, n_ctx: int, per_context: int) -> dict:
+    """Contexts that make every token of a stream of `n` (but its first, an end-of-text
+    token) an evaluation token exactly once, each with at least n_ctx - per_context
+    tokens before it: windows of n_ctx + 1 tokens every `per_context` tokens, targets at
+    their last `per_context` positions. Windows reach before the stream and past its end:
+    `starts` index the stream padded with `front` end-of-text tokens before it and `back`
+    after it (`_padded`); the few targets past its end are end-of-text, background."""
+    front = n_ctx - per_context
+    count = math.ceil((n - 1) / per_context)
+    starts = np.arange(count) * per_context
+    positions = np.tile(np.arange(front, n_ctx), (count, 1))
+    return {"starts": starts, "positions": positions, "front": front, "back": count * per_context + 1 - n}
+
+
+def _padded(stream: dict, front: int, back: int) -> dict:
+    """`stream` with end-of-text tokens before and after it (background, no passage)."""
+    eot, end = stream["ids"][0], len(stream["text"])
+
+    def pad(key, before, after):
+        return np.concatenate(
+            [np.repeat([before], front, axis=0), stream[key], np.repeat([after], back, axis=0)]
+        )
+
+    return {
+        "ids": pad("ids", eot, eot).astype(np.int32),
+        "offsets": pad("offsets", [0, 0], [end, end]).reshape(-1, 2).astype(np.int64),
+        "text": stream["text"],
+        "labels": pad("labels", label_file.BACKGROUND, label_file.BACKGROUND).astype(object),
+        "passage": pad("passage", -1, -1).astype(np.int64),
+    }
 
 
 def _first_visible(text: str, start: int, end: int) -> int:
