@@ -162,3 +162,26 @@ def test_the_summary_puts_the_papers_table_8_beside_our_means(tmp_path):
     assert "Ours (mean over seeds) / the paper's Table 8 (one seed)" in text
     polca = next(line for line in text.splitlines() if line.startswith("| method=polca ") and " / " in line)
     assert "0.700 / 0.973" in polca and "0.250 / 0.355" in polca and "- / 0.946" in polca
+
+
+def test_a_label_files_skills_join_the_tables_with_their_paired_excess(tmp_path):
+    """Known values: the label `copy`'s excess is 0.3 + 0.01 s for POLCA and 0.1 for the
+    loss over seeds s = 0..3; the tables name it after the label."""
+    for s in range(4):
+        for method, excess in (("polca", 0.3 + 0.01 * s), ("loss", 0.1)):
+            score = {"recovery": excess + 0.2, "recovery_excess": excess, "hidden": s % 2 == 0}
+            metrics = {"method": method, "seed": s, "labels": {"copy": score}}
+            metrics.update({f"label_copy_{k}": v for k, v in score.items()})
+            _job(tmp_path / "sweep", f"{method}-{s}", [f"method={method}", f"seed={s}"], metrics)
+    write_comparison(tmp_path / "sweep")
+    agg = aggregate_seeds(seed_frame(find_jobs(tmp_path / "sweep")))
+    polca = agg[agg["condition"] == "method=polca"].set_index("metric")
+    assert polca.loc["label_copy_recovery_excess", "mean"] == pytest.approx(0.315)
+    assert polca.loc["label_copy_hidden", "mean"] == 0.5
+    paired = paired_differences(seed_frame(find_jobs(tmp_path / "sweep")))
+    row = paired[paired["metric"] == "label_copy_recovery_excess"].iloc[0]
+    assert (row["baseline"], row["n"]) == ("method=loss", 4)
+    assert row["polca_minus_baseline"] == pytest.approx(0.215)
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "copy excess" in summary and "copy hidden" in summary
+    assert "copy recovery" in (tmp_path / "sweep" / "comparison.md").read_text()
