@@ -120,3 +120,23 @@ def test_copy_labels_mark_completed_bigrams_and_novel_words():
         "cat@18": "copy",
         "ran@22": "novel",
     }
+
+
+def test_the_copying_command_writes_a_label_file_of_held_out_text(tmp_path, capsys):
+    from polca_study.app.data import main
+    from tests.conftest import DATA_DIR, require_corpus
+
+    require_corpus()
+    out = tmp_path / "copying.jsonl"
+    main(["copying", str(out), "--passages", "5", "--snippet-chars", "80", "--data-dir", str(DATA_DIR)])
+    passages = read_labels(out)
+    assert len(passages) == 5 and "5 passages" in capsys.readouterr().err
+    for p in passages:
+        half = p.text[: len(p.text) // 2]
+        assert p.text == f"{half} {half}"  # a snippet read twice
+        # the second reading's words after its first complete bigrams of the first
+        copies = [s for s in p.spans if s.label == "copy"]
+        assert copies and all(s.start > len(half) or p.text.count(p.text[s.start : s.end]) > 1 for s in copies)
+    again = tmp_path / "again.jsonl"
+    main(["copying", str(again), "--passages", "5", "--snippet-chars", "80", "--data-dir", str(DATA_DIR)])
+    assert again.read_bytes() == out.read_bytes()  # a function of its command
