@@ -136,7 +136,9 @@ def test_the_copying_command_writes_a_label_file_of_held_out_text(tmp_path, caps
         assert p.text == f"{half} {half}"  # a snippet read twice
         # the second reading's words after its first complete bigrams of the first
         copies = [s for s in p.spans if s.label == "copy"]
-        assert copies and all(s.start > len(half) or p.text.count(p.text[s.start : s.end]) > 1 for s in copies)
+        assert copies and all(
+            s.start > len(half) or p.text.count(p.text[s.start : s.end]) > 1 for s in copies
+        )
     again = tmp_path / "again.jsonl"
     main(["copying", str(again), "--passages", "5", "--snippet-chars", "80", "--data-dir", str(DATA_DIR)])
     assert again.read_bytes() == out.read_bytes()  # a function of its command

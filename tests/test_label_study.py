@@ -12,6 +12,7 @@ from polca_study.analysis import skills
 from polca_study.tasks import corpus, label_file
 from polca_study.tasks.text_data import split_document
 from tests.conftest import DATA_DIR, POLCA, require_corpus
+from tests.test_study import run_state
 
 pytestmark = pytest.mark.slow
 # the loss's clusters: at this size POLCA's (two basis vectors, five intervals) do not
@@ -22,7 +23,6 @@ TINY = [
     "cluster.min_cluster_size=40",
     "cluster.min_samples=5",
     "score.permutations=50",
-    "logger=disabled",
     "progress=false",
     "figures=false",
     "num_threads=1",
@@ -61,10 +61,10 @@ def write(path, rows):
     return path
 
 
-def study(tmp_path, env, labels, name):
+def study(tmp_path, env, labels, name, logger="disabled"):
     run = tmp_path / name
     done = subprocess.run(
-        [*POLCA, *TINY, f"dataset.labels={labels}", f"hydra.run.dir={run}"],
+        [*POLCA, *TINY, f"logger={logger}", f"dataset.labels={labels}", f"hydra.run.dir={run}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -73,13 +73,17 @@ def study(tmp_path, env, labels, name):
 
 def test_a_planted_skill_is_recovered_above_its_null_and_moved_labels_are_not(tmp_path, env):
     require_corpus()
-    metrics, clusters = study(tmp_path, env, write(tmp_path / "planted.jsonl", passages(True)), "planted")
+    labels = write(tmp_path / "planted.jsonl", passages(True))
+    metrics, clusters = study(tmp_path, env, labels, "planted", logger="offline")
     digits = metrics["labels"]["digits"]
     assert digits["recovery"] > digits["recovery_null95"] and digits["recovery_p"] <= 0.05
     assert digits["recovery_excess"] == pytest.approx(digits["recovery"] - digits["recovery_null_mean"])
     assert metrics["label_digits_recovery_excess"] == digits["recovery_excess"]
     assert set(digits) == {f.name for f in skills.SkillScore.__dataclass_fields__.values()}
     assert "## Labelled skills" in clusters and re.search(r"\| digits +\| +\d+ \|", clusters)
+    logged = run_state(tmp_path / "planted")["summary"]  # the W&B run, read back offline
+    assert logged["labels/digits/recovery_p"] == digits["recovery_p"]
+    assert logged["label_digits_recovery_excess"] == digits["recovery_excess"]
     moved, _ = study(tmp_path, env, write(tmp_path / "moved.jsonl", passages(False)), "moved")
     assert moved["labels"]["digits"]["recovery_p"] > 0.05
     assert moved["labels"]["digits"]["recovery_excess"] < digits["recovery_excess"]
@@ -90,7 +94,7 @@ def test_a_span_past_its_text_is_refused_in_one_line_before_any_work(tmp_path, e
     rows.append({"text": "John left.", "spans": [{"start": 5, "end": 40, "label": "name"}]})
     path = write(tmp_path / "bad.jsonl", rows)
     done = subprocess.run(
-        [*POLCA, *TINY, f"dataset.labels={path}", f"hydra.run.dir={tmp_path / 'run'}"],
+        [*POLCA, *TINY, "logger=disabled", f"dataset.labels={path}", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     lines = done.stderr.strip().splitlines()
