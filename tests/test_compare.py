@@ -185,3 +185,22 @@ def test_a_label_files_skills_join_the_tables_with_their_paired_excess(tmp_path)
     summary = (tmp_path / "sweep" / "summary.md").read_text()
     assert "copy excess" in summary and "copy hidden" in summary
     assert "copy recovery" in (tmp_path / "sweep" / "comparison.md").read_text()
+
+
+def test_kept_job_records_grow_by_appending_and_give_the_tables_of_one_sweep(tmp_path):
+    """Seeds kept in a repository's results: each sweep's jobs appended on its day, the
+    archive compared as a sweep; appending a sweep again adds nothing."""
+    from polca_study.reporting.compare import main
+
+    one, early, late = tmp_path / "one", tmp_path / "early", tmp_path / "late"
+    for number, (method, seed) in enumerate((m, s) for s in range(6) for m in ("polca", "loss")):
+        _sweep_job(one, number, method, seed)
+        _sweep_job(early if seed < 3 else late, number % 6, method, seed)
+    write_comparison(one)
+    kept, tables = tmp_path / "results" / "jobs", tmp_path / "results"
+    main([str(tables), str(early), "--keep", str(kept)])
+    main([str(tables), str(late), str(early), "--keep", str(kept)])
+    assert len(list(kept.glob("*/summary.json"))) == 12
+    assert (kept / "method=polca,seed=4" / ".hydra" / "config.yaml").exists()
+    for name in ("seeds.csv", "paired.csv", "summary.md"):
+        assert (tables / name).read_text() == (one / name).read_text(), name

@@ -16,6 +16,7 @@ Writes into the sweep directory, and logs to W&B in the sweep's group:
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 import sys
@@ -30,7 +31,7 @@ from scipy import stats
 
 from polca_study.atomic import write_atomic, write_text_atomic
 from polca_study.errors import ConfigError
-from polca_study.reporting.jobs import Job, as_jobs, failed_jobs, find_jobs, label, measured
+from polca_study.reporting.jobs import Job, as_jobs, failed_jobs, find_jobs, keep_jobs, label, measured
 from polca_study.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,9 @@ def seed_frame(where: Path | Sequence[Job]) -> pd.DataFrame:
     if not len(frame):
         return frame
     # in seed order, wherever the jobs ran: a condition's mean and bootstrap interval
-    # (its resampled indices) then do not depend on which sweep a seed came from
-    frame = frame.sort_values("seed", kind="stable", ignore_index=True)
+    # (its resampled indices) then do not depend on which sweep a seed came from, nor
+    # the tables' row order on the order the jobs were found in
+    frame = frame.sort_values(["seed", "condition"], kind="stable", ignore_index=True)
     return frame.dropna(axis=1, how="all")
 
 
@@ -430,13 +432,22 @@ class ComparisonCallback(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m polca_study.reporting.compare OUT [SWEEP ...]`: the tables of the jobs
-    under OUT, or of the jobs of every SWEEP joined, written into OUT."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        raise SystemExit("usage: python -m polca_study.reporting.compare OUT_DIR [SWEEP_DIR ...]")
+    """`python -m polca_study.reporting.compare OUT [SWEEP ...] [--keep ARCHIVE]`: the
+    tables of the jobs under OUT, or of the jobs of every SWEEP joined, written into OUT.
+    With --keep, the SWEEPs' job records are first appended to ARCHIVE (a directory kept
+    with the results) and the tables are those of every job ARCHIVE holds."""
+    parser = argparse.ArgumentParser(prog="python -m polca_study.reporting.compare")
+    parser.add_argument("out", type=Path, help="where the tables are written")
+    parser.add_argument("sweeps", type=Path, nargs="*", help="sweep directories to join (default: OUT)")
+    parser.add_argument("--keep", type=Path, help="append the sweeps' job records here and compare them all")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        table = write_comparison(Path(argv[0]), sources=[Path(a) for a in argv[1:]])
+        sources = args.sweeps
+        if args.keep:
+            added = keep_jobs(find_jobs(*sources), args.keep) if sources else 0
+            log.info("%d jobs appended to %s", added, args.keep)
+            sources = [args.keep]
+        table = write_comparison(args.out, sources=sources)
     except ConfigError as err:
         raise SystemExit(f"polca-study: error: {err}") from None
     print(table.to_markdown(index=False, floatfmt=".3f"))

@@ -43,7 +43,9 @@ def find_jobs(*dirs: Path) -> list[Job]:
     difference."""
     jobs, seen, conditions = [], {}, {}
     for directory in dirs:
-        for summary in sorted(Path(directory).rglob("summary.json"), key=lambda p: job_number(p.parent)):
+        for summary in sorted(
+            Path(directory).rglob("summary.json"), key=lambda p: (job_number(p.parent), str(p))
+        ):
             job = Job(summary.parent, job_overrides(summary.parent), json.loads(summary.read_text()))
             settings = _settings(job)
             name = label(measured(job.overrides))
@@ -59,6 +61,33 @@ def find_jobs(*dirs: Path) -> list[Job]:
                 seen[identity] = job
                 jobs.append(job)
     return jobs
+
+
+RECORD = (".hydra/config.yaml", ".hydra/overrides.yaml", "summary.json")  # what a comparison reads
+
+
+def keep_jobs(jobs: list[Job], archive: Path) -> int:
+    """Append the jobs' records (summary, composed config, overrides) to `archive`, one
+    directory per job named by its condition and seed, so that results kept in a
+    repository grow by appending and a comparison reads them as it reads a sweep. A job
+    the archive holds already is kept as it was (a job counts once). Returns how many
+    were added."""
+    from polca_study.atomic import write_text_atomic
+
+    added = 0
+    for job in jobs:
+        over = job.overrides
+        name = label({**measured(over), "seed": over.get("seed", job.metrics.get("seed"))}).replace(", ", ",")
+        target = Path(archive) / name.replace("/", "_")
+        if (target / "summary.json").exists():
+            continue
+        for part in RECORD:  # the summary last: a directory with one is a whole record
+            source = job.run_dir / part
+            if source.exists():
+                (target / part).parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(target / part, source.read_text())
+        added += 1
+    return added
 
 
 def _settings(job: Job) -> dict:
@@ -105,5 +134,7 @@ def job_number(run_dir: Path) -> tuple[int, str]:
 
 def failed_jobs(*dirs: Path) -> list[dict]:
     """The jobs that could not run as set (`failed.json`: job, overrides, error)."""
-    paths = [p for d in dirs for p in sorted(Path(d).rglob(FAILED), key=lambda p: job_number(p.parent))]
+    paths = [
+        p for d in dirs for p in sorted(Path(d).rglob(FAILED), key=lambda p: (job_number(p.parent), str(p)))
+    ]
     return [json.loads(p.read_text()) for p in paths]
