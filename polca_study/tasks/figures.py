@@ -145,12 +145,14 @@ def _labelled_rows(table: pd.DataFrame, n: int = 6) -> pd.DataFrame:
 
 
 def text_learning_curves(history: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path:
-    """Evaluation loss by the tag of the target's word, and the aggregate loss with cluster
-    breakthrough times marked."""
+    """Evaluation loss by the tag of the target's word (by its label, with a label file),
+    and the aggregate loss with cluster breakthrough times marked."""
     fig, (ax_tag, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for tag, rows in history.groupby("tag"):
         ax_tag.plot(rows.step, rows.loss, label=str(tag))
-    ax_tag.set(xlabel="step", ylabel="loss", title="evaluation loss by word tag")
+    # text_data.evaluate groups by a label file's labels when there is one ("none": background)
+    by = "label" if "none" in set(history["tag"]) else "word tag"
+    ax_tag.set(xlabel="step", ylabel="loss", title=f"evaluation loss by {by}")
     ax_tag.legend(fontsize=6, ncol=2)
     aggregate_loss(ax_loss, history, table)
     fig.tight_layout()
