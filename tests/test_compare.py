@@ -204,3 +204,18 @@ def test_kept_job_records_grow_by_appending_and_give_the_tables_of_one_sweep(tmp
     assert (kept / "method=polca,seed=4" / ".hydra" / "config.yaml").exists()
     for name in ("seeds.csv", "paired.csv", "summary.md"):
         assert (tables / name).read_text() == (one / name).read_text(), name
+
+
+def test_another_tasks_published_values_are_not_put_beside_ours(tmp_path):
+    """A text sweep has nothing of the paper's arithmetic Table 8 to be read beside."""
+    for s in range(3):
+        for method in ("polca", "loss"):
+            metrics = {
+                "method": method,
+                "seed": s,
+                "label_purity_excess": 0.01 * s,
+                "hidden_breakthrough_fraction": 0.5,
+            }
+            _job(tmp_path / "text", f"{method}-{s}", [f"method={method}", f"seed={s}"], metrics)
+    write_comparison(tmp_path / "text")
+    assert "Table 8" not in (tmp_path / "text" / "summary.md").read_text()

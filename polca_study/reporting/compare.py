@@ -327,10 +327,13 @@ def published_markdown(frame: pd.DataFrame, agg: pd.DataFrame) -> list[str]:
     """Our means over seeds beside a task's published values, method by method: the
     gap at a glance (the published values are one seed each, without intervals)."""
     out = []
-    for source, values in (t.published for t in _tasks() if t.published):
+    for task in (t for t in _tasks() if t.published):
+        source, values = task.published
         # in the order of the fullest row (the paper's own column order)
         fullest = max(values.values(), key=len)
         metrics = list(dict.fromkeys([*fullest, *(m for row in values.values() for m in row)]))
+        if not set(agg["metric"]) & set(task.columns):  # another task's jobs
+            continue
         rows = []
         for condition, method in frame[["condition", "method"]].drop_duplicates().itertuples(index=False):
             name = method.removeprefix("method=")
