@@ -219,3 +219,14 @@ def test_another_tasks_published_values_are_not_put_beside_ours(tmp_path):
             _job(tmp_path / "text", f"{method}-{s}", [f"method={method}", f"seed={s}"], metrics)
     write_comparison(tmp_path / "text")
     assert "Table 8" not in (tmp_path / "text" / "summary.md").read_text()
+
+
+def test_t_test_power_against_known_values():
+    from polca_study.reporting.compare import seeds_for_power, t_test_power
+
+    assert t_test_power(0.0, 10) == pytest.approx(0.05)  # no effect: the test's level
+    # Cohen's tables (paired t, two-sided 5%): d = 1 with 10 pairs has power 0.80; d = 0.5
+    # needs 34 pairs for 80%
+    assert t_test_power(1.0, 10) == pytest.approx(0.803, abs=0.002)
+    assert seeds_for_power(0.5) == 34
+    assert t_test_power(-1.0, 10) == t_test_power(1.0, 10)

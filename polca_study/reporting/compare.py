@@ -232,6 +232,27 @@ def aggregate_seeds(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def t_test_power(effect: float, n: int, alpha: float = 0.05) -> float:
+    """Power of a two-sided one-sample (paired) t-test at level `alpha` with n pairs when
+    the true mean difference is `effect` standard deviations: P(|T| > t_crit) for T
+    noncentral t with n − 1 degrees of freedom and noncentrality effect·√n."""
+    if not np.isfinite(effect) or n < 2:
+        return float("nan")
+    crit = stats.t.ppf(1 - alpha / 2, n - 1)
+    nc = effect * np.sqrt(n)
+    return float(stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc))
+
+
+def seeds_for_power(effect: float, power: float = 0.8, most: int = 1000) -> float:
+    """The fewest seeds whose paired t-test reaches `power` at `effect` (nan past `most`)."""
+    if not np.isfinite(effect) or effect == 0:
+        return float("nan")
+    for n in range(2, most + 1):
+        if t_test_power(effect, n) >= power:
+            return float(n)
+    return float("nan")
+
+
 def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.DataFrame:
     """POLCA minus each other method, within each context, paired by seed."""
     ref_label = label(reference)
@@ -250,6 +271,7 @@ def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.D
                     continue
                 lo, hi = bootstrap_interval(d)
                 t = stats.ttest_1samp(d, 0.0).pvalue if d.std() > 0 else float("nan")
+                effect = d.mean() / d.std(ddof=1) if d.std() > 0 else float("nan")
                 rows.append(
                     {
                         "context": context,
@@ -261,6 +283,10 @@ def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.D
                         "ci_high": hi,
                         "sign_flip_p": sign_flip_p(d),
                         "t_test_p": float(t),
+                        # the paired t-test's power at the observed effect, and the seeds
+                        # that effect would need for 80% (a plan for more seeds, not a test)
+                        "observed_power": t_test_power(effect, len(d)),
+                        "seeds_for_80_power": seeds_for_power(effect),
                     }
                 )
     return pd.DataFrame(rows)
