@@ -16,6 +16,7 @@ that names the file, the line (or row) and the field.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -52,10 +53,18 @@ class Passage:
 
 
 def read_labels(path: str | Path) -> list[Passage]:
-    """Every passage of a label file, checked; a ConfigError names the first bad field."""
+    """Every passage of a label file, checked; a ConfigError names the first bad field.
+    Read once per version of the file: the settings check and the data share it."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"dataset.labels={path}: no such file or directory")
+    stat = p.stat()
+    return list(_read(p, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _read(p: Path, mtime_ns: int, size: int) -> tuple[Passage, ...]:
+    """(mtime and size are the cache key: an edited file is read again)"""
     if p.is_dir():
         rows = _table_rows(p, _hf_records(p))
     elif p.suffix == ".parquet":
@@ -67,7 +76,7 @@ def read_labels(path: str | Path) -> list[Passage]:
         raise ConfigError(f"{p}: the label file is empty: it needs one passage a line")
     if not any(passage.spans for passage in passages):
         raise ConfigError(f"{p}: no passage has a labelled span: every token would be background")
-    return passages
+    return tuple(passages)
 
 
 def label_names(passages: list[Passage]) -> list[str]:

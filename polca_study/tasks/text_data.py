@@ -210,7 +210,8 @@ class TextData:
             stream = label_stream(self.tokens, self.tokenizer, self.passages)
             self._eval = label_windows(len(stream["ids"]), c.n_ctx, c.eval_positions)
             self.held_out = _padded(stream, self._eval["front"], self._eval["back"])
-            tag_key = {"labels": label_file.digest(self.passages), "tagger": tagger}
+            self.labels_digest = label_file.digest(self.passages)
+            tag_key = {"labels": self.labels_digest, "tagger": tagger}
         else:
             self.held_out = {k: self.tokens[f"val_{k}"] for k in ("ids", "offsets", "text")}
             self._eval = self._select_eval()
@@ -240,7 +241,7 @@ class TextData:
         if self.pretrained:  # (absent otherwise, so the trained-BPE keys stay as they were)
             out["tokenizer"] = self.pretrained
         if self.passages is not None:  # the evaluation tokens (the training curves are theirs)
-            out["labels"] = label_file.digest(self.passages)
+            out["labels"] = self.labels_digest
         return out
 
     def _select_eval(self) -> dict:
@@ -331,11 +332,8 @@ def label_stream(tokens: dict, tokenizer, passages: list) -> dict:
     end-of-text token as documents are in training: ids (N,), character offsets (N, 2)
     into `text` (the passages joined by blank lines), the label of each token (N,) and
     its passage (N,; -1 for the separators)."""
-    from tokenizers import Tokenizer
-
-    tok: Tokenizer = tokenizer
     eot = int(tokens["train_ids"][-1])  # every training document ends with it
-    encodings = tok.encode_batch([p.text for p in passages], add_special_tokens=False)
+    encodings = tokenizer.encode_batch([p.text for p in passages], add_special_tokens=False)
     ids, offsets, labels, passage, text, at = [], [], [], [], [], 0
     for i, (p, enc) in enumerate(zip(passages, encodings, strict=True)):
         local = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
