@@ -7,7 +7,9 @@ Prints, measured in one run: seconds per evaluation interval for m = 1, 10, 50 i
 route and second-order mode, as ratios to a plain forward pass over the same tokens;
 the naive baseline (a Python loop of autograd.grad per token, dotted with the basis);
 three bases of 20 vectors (the comparison's Hessian, random and shuffled) decomposed one
-after another against in one pass (`decompose_trajectories`, `polca.alongside`);
+after another against in one pass (`decompose_trajectories`, `polca.alongside`); in
+that pass, embeddings' projections dense over the ids used against gathered, and each
+linear layer's projections as one product over all bases' columns against one per basis;
 Hessian-vector products and time of `build_basis` (Lanczos) against power iteration
 with deflation (PyHessian's method) at residual <= 1e-3; peak memory of each case.
 Medians over repeats; the machine is shared, so read ratios, not seconds.
@@ -22,6 +24,7 @@ import time
 
 import torch
 
+from polca_study.core import per_sample
 from polca_study.polca import (
     ModuleLoss,
     build_basis,
@@ -100,7 +103,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-tokens", type=int, default=200, help="0 skips the naive loop")
-    parser.add_argument("--only", choices=["routes", "sets", "basis"], default=None)
+    parser.add_argument("--only", choices=["routes", "sets", "projections", "basis"], default=None)
     parser.add_argument("--model", choices=["small", "paper"], default="small")
     parser.add_argument("--eval-size", type=int, default=1250, help="evaluation examples (4 tokens each)")
     parser.add_argument("--m", type=int, nargs="+", default=[1, 10, 50], help="basis sizes")
@@ -126,6 +129,8 @@ def main() -> None:
         routes(args, loss, thetas, d, n, forward)
     if args.only in (None, "sets"):
         sets(args, loss, thetas, d)
+    if args.only in (None, "projections"):
+        projections(args, loss, thetas, d)
     if args.only in (None, "basis"):
         basis_cost(model, data, thetas, d)
 
@@ -193,6 +198,51 @@ def sets(args, loss, thetas, d: int, m: int = 20, count: int = 3) -> None:
         f"\n{count} bases of m={m}, path mode: one after another {apart_s / steps:.2f} s/interval "
         f"({apart_mb:.0f} MB peak), in one pass {together_s / steps:.2f} s/interval "
         f"({together_mb:.0f} MB); apart/together {apart_s / together_s:.2f}x"
+    )
+
+
+def projections(args, loss, thetas, d: int, m: int = 20, count: int = 3) -> None:
+    """Where the one pass's time goes, two ways to cut it: an embedding's gradients dense
+    over the ids used against its basis rows gathered per position (the rule before), in
+    the whole pass; and each linear layer's projections as one matrix product over every
+    basis's columns against one product per basis, on the layers' shapes, with whether
+    the joined product gives each column the same bits (the cache needs them)."""
+    bases = [torch.linalg.qr(torch.randn(d, m))[0] for _ in range(count)]
+    steps = len(thetas) - 1
+
+    def together(dense_ids: int):
+        def run():
+            per_sample.DENSE_IDS_PER_POSITION = dense_ids
+            decompose_trajectories(loss, thetas, bases, "path", route="reverse", progress=False)
+
+        return run
+
+    (gathered, gathered_mb), (dense, dense_mb) = (
+        timed(together(0), args.repeats),
+        timed(together(2), args.repeats),
+    )
+    per_sample.DENSE_IDS_PER_POSITION = 2
+    print(
+        f"\n{count} bases of m={m} in one pass, embeddings gathered {gathered / steps:.2f} s/interval "
+        f"({gathered_mb:.0f} MB), dense over the ids used {dense / steps:.2f} s/interval "
+        f"({dense_mb:.0f} MB); gathered/dense {gathered / dense:.2f}x"
+    )
+    S = min(loss.chunk_sequences, loss.positions()[0])
+    layers = [mod for mod in loss.module.modules() if isinstance(mod, torch.nn.Linear)]
+    apart_s = joined_s = 0.0
+    same = True
+    for mod in layers:
+        grads = torch.randn(S, mod.weight.numel())
+        slices = [torch.randn(mod.weight.numel(), m) for _ in range(count)]
+        apart = timed(lambda g=grads, b=slices: [g @ x for x in b], max(args.repeats, 5))[0]
+        joined = timed(lambda g=grads, b=slices: g @ torch.cat(b, dim=1), max(args.repeats, 5))[0]
+        apart_s, joined_s = apart_s + apart, joined_s + joined
+        parts = (grads @ torch.cat(slices, dim=1)).split(m, dim=1)
+        same = same and all(torch.equal(grads @ x, y) for x, y in zip(slices, parts, strict=True))
+    print(
+        f"linear projections of one position ({len(layers)} layers, {S} sequences): one product per "
+        f"basis {apart_s * 1e3:.1f} ms, one over all {count * m} columns {joined_s * 1e3:.1f} ms; "
+        f"per basis/joined {apart_s / joined_s:.2f}x; same bits per column: {same}"
     )
 
 

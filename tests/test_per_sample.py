@@ -51,3 +51,22 @@ def test_reverse_route_refuses_modules_without_a_rule():
     assert loss_fn.choose_route(100) == "forward"
     with pytest.raises(ValueError, match="scale"):
         loss_fn.directional(theta, torch.eye(3), route="reverse")
+
+
+@pytest.mark.parametrize("vocab", [4, 40])
+def test_embedding_rule_dense_over_few_ids_and_gathered_over_many_match_the_jacobian(vocab):
+    """An embedding's projections: dense per-sequence gradients over the ids used when
+    they are few (4 ids, 3 positions), the basis rows gathered per position when they are
+    many (up to 24 distinct ids > 2·3); both against brute force, ids repeated in a sequence."""
+    torch.manual_seed(0)
+    embed = nn.Embedding(vocab, 5).double().eval()
+    head = nn.Linear(5, 1).double().eval()
+    module = nn.Sequential(embed, head).eval()
+    ids = torch.randint(0, vocab, (8, 3))
+    ids[0, 1] = ids[0, 0]  # an id twice in one sequence: its row's gradient sums both uses
+    loss_fn = ModuleLoss(module, ids, lambda out, b: out.squeeze(-1).tanh())
+    theta = flatten_parameters(module)
+    vectors, _ = torch.linalg.qr(torch.randn(theta.numel(), 6))
+    _, derivs = loss_fn.directional(theta, vectors, route="reverse")
+    jac = torch.autograd.functional.jacobian(loss_fn, theta)
+    torch.testing.assert_close(derivs, jac @ vectors, rtol=1e-9, atol=1e-12)

@@ -7,7 +7,8 @@ alone, and is projected on the directions' slice B for that parameter (S, m):
 
 - Linear (and transformers' Conv1D, its transpose): ∇_W = Σ_t δ_t a_tᵀ, ∇_b = Σ_t δ_t;
   projected `<B, Σ_t δ_t a_tᵀ>` by one matmul with the per-sequence weight gradients;
-- Embedding: ∇_W = Σ_t e_{id_t} δ_tᵀ, projected by gathering B's rows of the ids used;
+- Embedding: ∇_W = Σ_t e_{id_t} δ_tᵀ, dense over the ids used when they are few, else
+  projected by gathering B's rows of each position's id;
 - any other leaf module of one input (LayerNorm, RMSNorm): a vector-Jacobian product of
   the module alone, vmapped over sequences;
 - a module's own `project_per_sample_grads(inputs, output_grad, basis) -> (S, m)`.
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 @dataclass(frozen=True)
@@ -78,14 +80,38 @@ _LINEAR = _Projection(_linear_gradients, _linear_along)
 _CONV1D = _Projection(_linear_gradients, _conv1d_along)
 
 
-def _embedding_projection(inputs: tuple, output_grad: Tensor, basis: dict[str, Tensor]) -> Tensor:
-    """<B, Σ_t e_{id_t} δ_tᵀ> per sequence: gather the basis rows of the ids used."""
+def _embedding_gradients(inputs: tuple, output_grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The ids (S, T), output gradients (S, T, D) and, when few distinct ids are used,
+    each sequence's dense gradient of their rows Σ_t e_{id_t} δ_tᵀ (S, U, D) with the ids
+    (U,). Dense is cheaper than gathering the basis rows of every position (S, T, D, m)
+    when U ≤ 2T, as with a small vocabulary or a position embedding: it is then at most
+    twice the size of the output gradients. A large vocabulary's rows are gathered."""
     ids = inputs[0]
     S = ids.shape[0]
     ids = ids.reshape(S, -1)
     delta = output_grad.reshape(S, ids.shape[1], -1)
-    rows = basis["weight"][ids]  # (S, T, D, m)
-    return torch.einsum("std,stdm->sm", delta, rows)
+    used, where = torch.unique(ids, return_inverse=True)
+    if len(used) > DENSE_IDS_PER_POSITION * ids.shape[1]:
+        return ids, delta, None
+    one_hot = F.one_hot(where, len(used)).to(delta.dtype)  # (S, T, U)
+    return used, delta, one_hot.transpose(1, 2) @ delta
+
+
+def _embedding_along(gradients: tuple[Tensor, Tensor, Tensor | None], basis: dict[str, Tensor]) -> Tensor:
+    """<B, Σ_t e_{id_t} δ_tᵀ> per sequence: the dense gradients' rows times the basis rows
+    of the ids used, or the basis rows of each position's id gathered."""
+    ids, delta, dense = gradients
+    if dense is None:
+        rows = basis["weight"][ids]  # (S, T, D, m)
+        return torch.einsum("std,stdm->sm", delta, rows)
+    rows = basis["weight"][ids]  # (U, D, m): `ids` are the distinct ids used
+    return dense.reshape(dense.shape[0], -1) @ rows.reshape(-1, rows.shape[-1])
+
+
+_EMBEDDING = _Projection(_embedding_gradients, _embedding_along)
+# An embedding's gradients are dense when at most this many distinct ids per position are
+# used (`_embedding_gradients`); 0 gathers always (benchmarks/polca_routes.py compares).
+DENSE_IDS_PER_POSITION = 2
 
 
 def add_coordinates(
@@ -174,7 +200,7 @@ def projector(mod: nn.Module, params: dict[str, Tensor]) -> _Projection:
     if isinstance(mod, nn.Linear):
         return _LINEAR
     if isinstance(mod, nn.Embedding):
-        return _projecting(_embedding_projection)
+        return _EMBEDDING
     if _is_conv1d(mod):
         return _CONV1D
     if hasattr(mod, "project_per_sample_grads"):
