@@ -56,7 +56,7 @@ from hydra_plugins.polca_optuna_sweeper.storage import (
     recover,
     study_lock,
 )
-from polca_study.reporting.tracking import STUDY_ENV, TRIAL_ENV
+from polca_study.reporting.keys import STUDY_ENV, TRIAL_ENV
 
 log = logging.getLogger(__name__)
 FAIL_REASON = "fail_reason"  # user attribute on a trial that failed every retry
@@ -365,8 +365,9 @@ class OptunaSweeper(Sweeper):
         log.info("trial %d: %s = %.4f", trial.number, dict(trial.params), value)
 
     def _finish(self, study: optuna.Study, name: str) -> None:
-        # summary imports matplotlib (setting its Agg backend) and pandas; importing this module does not
-        from hydra_plugins.polca_optuna_sweeper.summary import summarise_study
+        # matplotlib (its Agg backend) and pandas, only when a study ends: Hydra's plugin
+        # scan imports every module here not named _*, at every command's start
+        from hydra_plugins.polca_optuna_sweeper._summary import summarise_study
 
         out = Path(self.config.hydra.sweep.dir)
         summarise_study(study, out if name == self.study_name else out / name, self.config, self.storage)

@@ -95,7 +95,7 @@ def refused(err: ConfigError, info: dict, run_dir: str) -> float:
     (and retry). A job of any other multirun records why in its directory (`failed.json`)
     and lets the others run: the comparison names it and the multirun exits with 1."""
     from polca_study.reporting.jobs import FAILED
-    from polca_study.reporting.tracking import STUDY_ENV
+    from polca_study.reporting.keys import STUDY_ENV
 
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err

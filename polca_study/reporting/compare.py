@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
-from scipy import stats
 
 from polca_study.atomic import write_atomic, write_text_atomic
 from polca_study.errors import ConfigError
@@ -238,6 +237,8 @@ def t_test_power(effect: float, n: int, alpha: float = 0.05) -> float:
     noncentral t with n − 1 degrees of freedom and noncentrality effect·√n."""
     if not np.isfinite(effect) or n < 2:
         return float("nan")
+    from scipy import stats  # seconds to import: the multirun callback loads this module at every start
+
     crit = stats.t.ppf(1 - alpha / 2, n - 1)
     nc = effect * np.sqrt(n)
     return float(stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc))
@@ -258,6 +259,8 @@ def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.D
     ref_label = label(reference)
     rows = []
     metrics = [m for m in (*paired_metrics(), *skill_metrics(_skills_in(frame), SKILL_PAIRED)) if m in frame]
+    from scipy import stats  # seconds to import: the multirun callback loads this module at every start
+
     for context, jobs in frame.groupby("context", sort=False):
         ref = jobs[jobs["method"] == ref_label].set_index("seed")
         if ref.empty:

@@ -15,3 +15,7 @@ MACHINE_KEYS = ("num_threads", "device")
 # join one comparison. Not for a study's fingerprint: the sweeper composes its trials'
 # config with it (it selects the sweeper).
 STUDY_KEYS = ("sweep",)
+
+# The Optuna study and trial a job runs for: the sweeper sets them in the job's
+# environment, the job puts them in its W&B config (trial and run lead to each other).
+STUDY_ENV, TRIAL_ENV = "POLCA_STUDY_NAME", "POLCA_TRIAL_NUMBER"

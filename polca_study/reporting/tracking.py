@@ -25,10 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from polca_study.reporting.keys import STUDY_ENV, TRIAL_ENV  # noqa: F401  (the job's W&B config names them)
+
 log = logging.getLogger(__name__)
-# The Optuna study and trial a job runs for: the sweeper sets them in the job's
-# environment, the job puts them in its W&B config (trial and run lead to each other).
-STUDY_ENV, TRIAL_ENV = "POLCA_STUDY_NAME", "POLCA_TRIAL_NUMBER"
 STEP = "trainer/step"  # the training step axis of every training-time series
 
 

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
 PLACE_COLORS = {"1000s": "tab:purple", "100s": "tab:blue", "10s": "tab:orange", "1s": "tab:green"}
+
+
+def _pyplot():
+    """pyplot on the Agg backend, imported when a figure is drawn: a study without figures
+    (figures=false, as every sweep) and the markdown helpers here do not pay its import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def arithmetic_figures(
@@ -38,6 +45,7 @@ def arithmetic_figures(
 def learning_curves(history: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path:
     """Per-place evaluation accuracy (carry solid, no-carry dashed) and the aggregate loss
     with cluster breakthrough times marked."""
+    plt = _pyplot()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for (place, carry), rows in history.groupby(["place", "carry"], observed=True):
         ax_acc.plot(
@@ -70,6 +78,7 @@ def plot_cluster_curves(
 ) -> Path:
     """Median and quartiles of each row's cluster curves, one panel a cluster; `title`
     and `color` map a row to its panel's subtitle and colour."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3), squeeze=False)
     for ax, r in zip(axes[0], rows.itertuples(), strict=False):
         c = curves.curves[assign[:, r.vector] == r.cluster, :, r.vector]
@@ -104,6 +113,7 @@ def top_clusters(curves, assign, labels, table, path: Path) -> Path:
 def skill_composition(assign, labels, table, path: Path) -> Path:
     """Skill composition bars for the top clusters (paper Figs. 4-10)."""
     rows = _top_rows(table, 12)
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     names = [f"v{r.vector}c{r.cluster}" for r in rows.itertuples()]
     for ax, skill in zip(axes, ("carry", "place", "value"), strict=True):
@@ -147,6 +157,7 @@ def _labelled_rows(table: pd.DataFrame, n: int = 6) -> pd.DataFrame:
 def text_learning_curves(history: pd.DataFrame, table: pd.DataFrame, path: Path) -> Path:
     """Evaluation loss by the tag of the target's word (by its label, with a label file),
     and the aggregate loss with cluster breakthrough times marked."""
+    plt = _pyplot()
     fig, (ax_tag, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for tag, rows in history.groupby("tag"):
         ax_tag.plot(rows.step, rows.loss, label=str(tag))
