@@ -53,20 +53,27 @@ def test_reverse_route_refuses_modules_without_a_rule():
         loss_fn.directional(theta, torch.eye(3), route="reverse")
 
 
+@pytest.mark.parametrize("padding_idx", [None, 1])
 @pytest.mark.parametrize("vocab", [4, 40])
-def test_embedding_rule_dense_over_few_ids_and_gathered_over_many_match_the_jacobian(vocab):
+def test_embedding_rule_dense_over_few_ids_and_gathered_over_many_match_the_jacobian(vocab, padding_idx):
     """An embedding's projections: dense per-sequence gradients over the ids used when
     they are few (4 ids, 3 positions), the basis rows gathered per position when they are
-    many (up to 24 distinct ids > 2·3); both against brute force, ids repeated in a sequence."""
+    many (up to 24 distinct ids > 2·3); both against brute force, ids repeated in a
+    sequence, and a padding id (whose row autograd leaves without gradient) present."""
     torch.manual_seed(0)
-    embed = nn.Embedding(vocab, 5).double().eval()
+    embed = nn.Embedding(vocab, 5, padding_idx=padding_idx).double().eval()
     head = nn.Linear(5, 1).double().eval()
     module = nn.Sequential(embed, head).eval()
     ids = torch.randint(0, vocab, (8, 3))
     ids[0, 1] = ids[0, 0]  # an id twice in one sequence: its row's gradient sums both uses
+    ids[1, 2] = 1  # the padding id, when there is one
     loss_fn = ModuleLoss(module, ids, lambda out, b: out.squeeze(-1).tanh())
     theta = flatten_parameters(module)
     vectors, _ = torch.linalg.qr(torch.randn(theta.numel(), 6))
     _, derivs = loss_fn.directional(theta, vectors, route="reverse")
     jac = torch.autograd.functional.jacobian(loss_fn, theta)
     torch.testing.assert_close(derivs, jac @ vectors, rtol=1e-9, atol=1e-12)
+    # LCA's coordinates: every embedding entry, gathered, are the Jacobian's columns
+    coords = Coordinates(torch.arange(embed.weight.numel()), theta.numel(), theta.dtype)
+    _, entries = loss_fn.directional(theta, coords, route="reverse")
+    torch.testing.assert_close(entries, jac[:, : embed.weight.numel()], rtol=1e-9, atol=1e-12)

@@ -80,7 +80,9 @@ _LINEAR = _Projection(_linear_gradients, _linear_along)
 _CONV1D = _Projection(_linear_gradients, _conv1d_along)
 
 
-def _embedding_gradients(inputs: tuple, output_grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+def _embedding_gradients(
+    inputs: tuple, output_grad: Tensor, padding_idx: int | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """The ids (S, T), output gradients (S, T, D) and, when few distinct ids are used,
     each sequence's dense gradient of their rows Σ_t e_{id_t} δ_tᵀ (S, U, D) with the ids
     (U,). Dense is cheaper than gathering the basis rows of every position (S, T, D, m)
@@ -90,6 +92,8 @@ def _embedding_gradients(inputs: tuple, output_grad: Tensor) -> tuple[Tensor, Te
     S = ids.shape[0]
     ids = ids.reshape(S, -1)
     delta = output_grad.reshape(S, ids.shape[1], -1)
+    if padding_idx is not None:  # autograd gives the padding row no gradient
+        delta = delta * (ids != padding_idx).unsqueeze(-1).to(delta.dtype)
     used, where = torch.unique(ids, return_inverse=True)
     if len(used) > DENSE_IDS_PER_POSITION * ids.shape[1]:
         return ids, delta, None
@@ -135,6 +139,8 @@ def add_coordinates(
     if isinstance(mod, nn.Embedding):
         ids = inputs[0].reshape(S, -1)
         delta = g.reshape(S, ids.shape[1], -1)
+        if mod.padding_idx is not None:  # autograd gives the padding row no gradient
+            delta = delta * (ids != mod.padding_idx).unsqueeze(-1).to(delta.dtype)
         rows, columns = local["weight"]
         if len(columns):
             v, c = rows // mod.embedding_dim, rows % mod.embedding_dim
@@ -200,7 +206,11 @@ def projector(mod: nn.Module, params: dict[str, Tensor]) -> _Projection:
     if isinstance(mod, nn.Linear):
         return _LINEAR
     if isinstance(mod, nn.Embedding):
-        return _EMBEDDING
+        if mod.padding_idx is None:
+            return _EMBEDDING
+        return _Projection(
+            functools.partial(_embedding_gradients, padding_idx=mod.padding_idx), _embedding_along
+        )
     if _is_conv1d(mod):
         return _CONV1D
     if hasattr(mod, "project_per_sample_grads"):
