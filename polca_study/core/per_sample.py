@@ -81,19 +81,14 @@ _CONV1D = _Projection(_linear_gradients, _conv1d_along)
 
 
 def _embedding_gradients(
-    inputs: tuple, output_grad: Tensor, padding_idx: int | None = None
+    inputs: tuple, output_grad: Tensor, padding_idx: int | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The ids (S, T), output gradients (S, T, D) and, when few distinct ids are used,
     each sequence's dense gradient of their rows Σ_t e_{id_t} δ_tᵀ (S, U, D) with the ids
     (U,). Dense is cheaper than gathering the basis rows of every position (S, T, D, m)
     when U ≤ 2T, as with a small vocabulary or a position embedding: it is then at most
     twice the size of the output gradients. A large vocabulary's rows are gathered."""
-    ids = inputs[0]
-    S = ids.shape[0]
-    ids = ids.reshape(S, -1)
-    delta = output_grad.reshape(S, ids.shape[1], -1)
-    if padding_idx is not None:  # autograd gives the padding row no gradient
-        delta = delta * (ids != padding_idx).unsqueeze(-1).to(delta.dtype)
+    ids, delta = _ids_and_deltas(inputs, output_grad, padding_idx)
     used, where = torch.unique(ids, return_inverse=True)
     if len(used) > DENSE_IDS_PER_POSITION * ids.shape[1]:
         return ids, delta, None
@@ -112,7 +107,17 @@ def _embedding_along(gradients: tuple[Tensor, Tensor, Tensor | None], basis: dic
     return dense.reshape(dense.shape[0], -1) @ rows.reshape(-1, rows.shape[-1])
 
 
-_EMBEDDING = _Projection(_embedding_gradients, _embedding_along)
+def _ids_and_deltas(inputs: tuple, output_grad: Tensor, padding_idx: int | None) -> tuple[Tensor, Tensor]:
+    """An embedding's ids (S, T) and output gradients (S, T, D), the padding id's zeroed:
+    autograd gives the padding row no gradient."""
+    S = inputs[0].shape[0]
+    ids = inputs[0].reshape(S, -1)
+    delta = output_grad.reshape(S, ids.shape[1], -1)
+    if padding_idx is not None:
+        delta = delta * (ids != padding_idx).unsqueeze(-1).to(delta.dtype)
+    return ids, delta
+
+
 # An embedding's gradients are dense when at most this many distinct ids per position are
 # used (`_embedding_gradients`); 0 gathers always (benchmarks/polca_routes.py compares).
 DENSE_IDS_PER_POSITION = 2
@@ -137,10 +142,7 @@ def add_coordinates(
             out[:, columns] += delta[:, :, rows].sum(1)
         return
     if isinstance(mod, nn.Embedding):
-        ids = inputs[0].reshape(S, -1)
-        delta = g.reshape(S, ids.shape[1], -1)
-        if mod.padding_idx is not None:  # autograd gives the padding row no gradient
-            delta = delta * (ids != mod.padding_idx).unsqueeze(-1).to(delta.dtype)
+        ids, delta = _ids_and_deltas(inputs, g, mod.padding_idx)
         rows, columns = local["weight"]
         if len(columns):
             v, c = rows // mod.embedding_dim, rows % mod.embedding_dim
@@ -206,8 +208,6 @@ def projector(mod: nn.Module, params: dict[str, Tensor]) -> _Projection:
     if isinstance(mod, nn.Linear):
         return _LINEAR
     if isinstance(mod, nn.Embedding):
-        if mod.padding_idx is None:
-            return _EMBEDDING
         return _Projection(
             functools.partial(_embedding_gradients, padding_idx=mod.padding_idx), _embedding_along
         )
