@@ -41,3 +41,20 @@ def test_module_loss_refuses_a_module_in_training_mode():
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1))
     with pytest.raises(ValueError, match="training mode.*call .eval"):
         ModuleLoss(model, torch.randn(2, 3), lambda out, b: out)
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_norm", 0.5), ("scale_grad_by_freq", True)])
+def test_module_loss_refuses_an_embedding_that_is_not_a_lookup(field, value):
+    """max_norm would renormalize rows of the flat parameter vector in place (shown here on
+    the bare functional call); scale_grad_by_freq changes what backward returns."""
+    embedding = nn.Embedding(5, 3, **{field: value})
+    if field == "max_norm":
+        theta = torch.randn(15) * 3
+        before = theta.clone()
+        torch.func.functional_call(embedding, {"weight": theta.view(5, 3)}, (torch.tensor([[0, 1]]),))
+        assert not torch.equal(theta, before)
+    model = nn.Sequential(embedding, nn.Linear(3, 5)).eval()
+    with pytest.raises(ValueError, match=rf"embedding '0' with {field}={value}: allowed are max_norm=None"):
+        ModuleLoss(model, torch.tensor([[0, 1]]), lambda out, b: out.sum(-1))
+    setattr(embedding, field, None if field == "max_norm" else False)
+    ModuleLoss(model, torch.tensor([[0, 1]]), lambda out, b: out.sum(-1))

@@ -97,6 +97,7 @@ class ModuleLoss:
                 f"ModuleLoss got a {type(module).__name__} in training mode: dropout or batch "
                 "statistics would make its losses random; call .eval() on it first"
             )
+        _check_embeddings(module)
         self.module = module
         self.batch = batch
         self.token_loss = token_loss
@@ -327,6 +328,23 @@ class ModuleLoss:
                 if gradients is None:
                     gradients = project.gradients(inputs, g)
                 out += project.along(gradients, {n: b for n, (b, _) in local.items()})
+
+
+def _check_embeddings(module: nn.Module) -> None:
+    """Refuse embeddings whose forward or backward is not that of a lookup: `max_norm`
+    renormalizes the looked-up rows in place, which through `functional_call` would rewrite
+    the checkpoint's parameter vector itself; `scale_grad_by_freq` divides backward's
+    gradient by each id's count in the batch, so Hessian-vector products would not be the
+    Hessian's."""
+    for name, mod in module.named_modules():
+        if isinstance(mod, nn.Embedding) and (mod.max_norm is not None or mod.scale_grad_by_freq):
+            field = "max_norm" if mod.max_norm is not None else "scale_grad_by_freq"
+            raise ValueError(
+                f"ModuleLoss cannot analyse embedding {name or type(module).__name__!r} with "
+                f"{field}={getattr(mod, field)!r}: allowed are max_norm=None and "
+                "scale_grad_by_freq=False (set them so on the model built for analysis; "
+                "the checkpoints' weights are unaffected)"
+            )
 
 
 def _sequences(batch) -> int:
