@@ -230,3 +230,15 @@ def test_t_test_power_against_known_values():
     assert t_test_power(1.0, 10) == pytest.approx(0.803, abs=0.002)
     assert seeds_for_power(0.5) == 34
     assert t_test_power(-1.0, 10) == t_test_power(1.0, 10)
+    assert np.isnan(seeds_for_power(0.01))  # would need more than MOST_SEEDS
+
+
+def test_paired_markdown_says_where_no_feasible_number_of_seeds_has_the_power():
+    import pandas as pd
+
+    from polca_study.reporting.compare import MOST_SEEDS, paired_markdown
+
+    paired = pd.DataFrame({"baseline": ["a", "b"], "seeds_for_80_power": [12.0, float("nan")]})
+    rows = paired_markdown(paired).splitlines()[2:]
+    assert rows[0].split("|")[2].strip() == "12"
+    assert rows[1].split("|")[2].strip() == f"> {MOST_SEEDS:,}"

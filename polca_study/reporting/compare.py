@@ -244,7 +244,11 @@ def t_test_power(effect: float, n: int, alpha: float = 0.05) -> float:
     return float(stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc))
 
 
-def seeds_for_power(effect: float, power: float = 0.8, most: int = 1000) -> float:
+# seeds_for_power looks no further: a paired effect that needs more is not worth running
+MOST_SEEDS = 1000
+
+
+def seeds_for_power(effect: float, power: float = 0.8, most: int = MOST_SEEDS) -> float:
     """The fewest seeds whose paired t-test reaches `power` at `effect` (nan past `most`)."""
     if not np.isfinite(effect) or effect == 0:
         return float("nan")
@@ -252,6 +256,13 @@ def seeds_for_power(effect: float, power: float = 0.8, most: int = 1000) -> floa
         if t_test_power(effect, n) >= power:
             return float(n)
     return float("nan")
+
+
+def paired_markdown(paired: pd.DataFrame) -> str:
+    """paired.md: the CSV's table, with the seeds for 80% power in words where no
+    feasible number reaches it (nan in the CSV)."""
+    seeds = paired["seeds_for_80_power"].map(lambda n: f"> {MOST_SEEDS:,}" if np.isnan(n) else f"{n:,.0f}")
+    return paired.assign(seeds_for_80_power=seeds).to_markdown(index=False, floatfmt=".3f") + "\n"
 
 
 def paired_differences(frame: pd.DataFrame, reference: dict = REFERENCE) -> pd.DataFrame:
@@ -420,7 +431,7 @@ def write_comparison(
         _write_csv(sweep_dir / "paired.csv", paired)
         write_text_atomic(
             sweep_dir / "paired.md",
-            paired.to_markdown(index=False, floatfmt=".3f") + "\n" if len(paired) else NO_PAIRS + "\n",
+            paired_markdown(paired) if len(paired) else NO_PAIRS + "\n",
         )
         write_text_atomic(sweep_dir / "summary.md", summary_markdown(frame, agg, paired))
         tables.update(seeds=agg, paired=paired)
