@@ -45,6 +45,20 @@ def test_sign_flip_p_against_enumeration_by_hand():
     assert sign_flip_p(np.ones(5)) == 2 / 32  # the smallest p five seeds can give
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 18])
+def test_sign_flip_p_counts_what_listing_every_flip_gives(n):
+    """Past 16 seeds too (the counting is by halves): against all 2^n flips listed, on
+    differences with ties and a zero among them."""
+    rng = np.random.default_rng(n)
+    d = np.round(rng.normal(0.02, 0.1, n), 2)
+    if n > 2:
+        d[:2] = [0.05, 0.0]  # a tie in magnitude with a later value, and no change at one seed
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
+    listed = float((np.abs((signs * d).mean(axis=1)) >= abs(d.mean()) - 1e-12).mean())
+    assert sign_flip_p(d) == pytest.approx(listed, abs=1e-15)
+    assert sign_flip_p(np.zeros(n)) == 1.0
+
+
 def _job(root, name, overrides, metrics):
     d = root / name
     (d / ".hydra").mkdir(parents=True)
