@@ -173,7 +173,7 @@ def test_the_summary_puts_the_papers_table_8_beside_our_means(tmp_path):
         summary.write_text(json.dumps(metrics))
     write_comparison(tmp_path)
     text = (tmp_path / "summary.md").read_text()
-    assert "Ours (mean over seeds) / the paper's Table 8 (one seed)" in text
+    assert "Ours (mean over seeds) / the paper's Table 8 (one seed, uniform training data)" in text
     polca = next(line for line in text.splitlines() if line.startswith("| method=polca ") and " / " in line)
     assert "0.700 / 0.973" in polca and "0.250 / 0.355" in polca and "- / 0.946" in polca
 

@@ -402,7 +402,7 @@ def published_markdown(frame: pd.DataFrame, agg: pd.DataFrame) -> list[str]:
                 row[m] = f"{mine} / {theirs}"
             rows.append(row)
         if rows:
-            heading = f"Ours (mean over seeds) / {source} (one seed), beside each other:"
+            heading = f"Ours (mean over seeds) / {source}, beside each other:"
             out += [heading, "", pd.DataFrame(rows).to_markdown(index=False), ""]
     return out
 
