@@ -8,15 +8,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from polca_study.errors import ConfigError
-from polca_study.reporting.compare import (
-    aggregate_seeds,
-    bootstrap_interval,
-    paired_differences,
-    seed_frame,
-    sign_flip_p,
-    write_comparison,
-)
+from polca_study.reporting.compare import aggregate_seeds, paired_differences, seed_frame, write_comparison
 from polca_study.reporting.jobs import find_jobs
+from polca_study.reporting.paired_stats import bootstrap_interval, sign_flip_p
 
 
 def test_bootstrap_interval_covers_the_known_mean_and_shrinks_with_seeds():
@@ -236,7 +230,7 @@ def test_another_tasks_published_values_are_not_put_beside_ours(tmp_path):
 
 
 def test_t_test_power_against_known_values():
-    from polca_study.reporting.compare import seeds_for_power, t_test_power
+    from polca_study.reporting.paired_stats import seeds_for_power, t_test_power
 
     assert t_test_power(0.0, 10) == pytest.approx(0.05)  # no effect: the test's level
     # Cohen's tables (paired t, two-sided 5%): d = 1 with 10 pairs has power 0.80; d = 0.5
@@ -250,7 +244,8 @@ def test_t_test_power_against_known_values():
 def test_paired_markdown_says_where_no_feasible_number_of_seeds_has_the_power():
     import pandas as pd
 
-    from polca_study.reporting.compare import MOST_SEEDS, paired_markdown
+    from polca_study.reporting.compare import paired_markdown
+    from polca_study.reporting.paired_stats import MOST_SEEDS
 
     paired = pd.DataFrame({"baseline": ["a", "b"], "seeds_for_80_power": [12.0, float("nan")]})
     rows = paired_markdown(paired).splitlines()[2:]

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from polca_study.atomic import write_atomic, write_text_atomic
 from polca_study.errors import ConfigError
 from polca_study.reporting.jobs import Job, as_jobs, failed_jobs, find_jobs, keep_jobs, label, measured
-from polca_study.reporting.paired_stats import (  # noqa: F401  (the comparison's statistics, as before)
+from polca_study.reporting.paired_stats import (
     MOST_SEEDS,
     bootstrap_interval,
     seeds_for_power,
